@@ -1,0 +1,446 @@
+"""The logical trace model of format v1: which arrays exist, their dimensions, dtypes and chunks.
+
+This module is pure data and arithmetic (numpy only). Storage backends, the writer and the reader
+all derive what they do from :class:`TracePlan`, so that the spec in ``schemas/`` is implemented
+in exactly one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .errors import CorruptTraceError, MetadataError
+
+SCHEMA_NAME = "tracekit.trace"
+FORMAT_VERSION = (1, 0)
+FORMAT_VERSION_STR = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
+ROOT_KEY = "tracekit"  # root attribute that holds the metadata object
+
+STATUSES = ("recording", "complete", "aborted")
+
+#: Capture groups a recording can select, in the order they are documented.
+CAPTURE_GROUPS = (
+    "residual",
+    "attn_out",
+    "mlp_out",
+    "attention",
+    "neurons",
+    "predictions",
+    "logit_lens",
+)
+
+#: Stored dtypes for activations. bfloat16 is stored as uint16 bits with ``logical_dtype``.
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+
+#: Dimensions whose length grows with the recording (trimmed to the committed length at the end).
+GROWING_DIMS = ("position", "step", "key")
+
+# Safety limits checked before anything is allocated when opening untrusted files.
+MAX_POSITIONS = 1 << 24
+MAX_DIM = 1 << 20
+MAX_LAYERS = 4096
+MAX_HEADS = 4096
+MAX_TOP_K = 1024
+MAX_TOKEN_BYTES = 4096
+
+DEFAULT_TOP_K = 10
+DEFAULT_ATTENTION_TOP_K = 8
+DEFAULT_TOKEN_BYTES = 64
+DEFAULT_CHUNK_BYTES = 1 << 20
+KEY_CHUNK = 256
+STEP_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the format: name, dimension names, dtype and the capture group it belongs to.
+
+    ``dtype`` is a numpy dtype name, or ``"activation"`` for the plan's stored activation dtype.
+    ``group`` is ``None`` for arrays every trace has.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    group: str | None
+    description: str
+    summary: bool = False
+
+
+# fmt: off
+ARRAY_SPECS: tuple[ArraySpec, ...] = (
+    ArraySpec("commit", ("commit_field",), "int64", None,
+              "Committed counter [positions, steps]; written after the data it covers."),
+    ArraySpec("token_id", ("position",), "int64", None, "Token id at each position."),
+    ArraySpec("token_bytes", ("position", "byte"), "uint8", None,
+              "UTF-8 (or raw) bytes of each token's text, zero padded."),
+    ArraySpec("token_nbytes", ("position",), "int32", None,
+              "Length of each token's text in bytes (may exceed the stored width: truncated)."),
+    ArraySpec("token_step", ("position",), "int32", None, "The step that computed each position."),
+    ArraySpec("step_start", ("step",), "int64", None, "First position computed by each step."),
+    ArraySpec("step_positions", ("step",), "int32", None, "Number of positions each step computed."),
+    ArraySpec("step_time", ("step",), "float64", None,
+              "Wall-clock time (Unix seconds) when each step was computed."),
+    ArraySpec("residual", ("position", "point", "hidden"), "activation", "residual",
+              "Residual stream at layer boundaries (point p = input of block p)."),
+    ArraySpec("attn_out", ("position", "layer", "hidden"), "activation", "attn_out",
+              "What each block's attention adds to the residual stream."),
+    ArraySpec("mlp_out", ("position", "layer", "hidden"), "activation", "mlp_out",
+              "What each block's MLP adds to the residual stream."),
+    ArraySpec("attention", ("position", "layer", "head", "key"), "activation", "attention",
+              "Attention pattern: the query at `position` attending to `key`."),
+    ArraySpec("neurons", ("position", "layer", "neuron"), "activation", "neurons",
+              "MLP hidden activations (after the nonlinearity)."),
+    ArraySpec("top_ids", ("position", "rank"), "int32", "predictions",
+              "Top-k next-token ids predicted at each position."),
+    ArraySpec("top_logprobs", ("position", "rank"), "float32", "predictions",
+              "Log-probabilities of top_ids."),
+    ArraySpec("lens_ids", ("position", "point", "rank"), "int32", "logit_lens",
+              "Logit lens: top-k ids decoded from the residual stream at each point."),
+    ArraySpec("lens_logprobs", ("position", "point", "rank"), "float32", "logit_lens",
+              "Log-probabilities of lens_ids."),
+    # Level-of-detail summaries, written by the writer while recording.
+    ArraySpec("residual_norm", ("position", "point"), "float32", "residual",
+              "L2 norm of residual.", summary=True),
+    ArraySpec("residual_range", ("position", "bound"), "float32", "residual",
+              "Min and max of residual at each position.", summary=True),
+    ArraySpec("attn_out_norm", ("position", "layer"), "float32", "attn_out",
+              "L2 norm of attn_out.", summary=True),
+    ArraySpec("attn_out_range", ("position", "bound"), "float32", "attn_out",
+              "Min and max of attn_out at each position.", summary=True),
+    ArraySpec("mlp_out_norm", ("position", "layer"), "float32", "mlp_out",
+              "L2 norm of mlp_out.", summary=True),
+    ArraySpec("mlp_out_range", ("position", "bound"), "float32", "mlp_out",
+              "Min and max of mlp_out at each position.", summary=True),
+    ArraySpec("neurons_range", ("position", "bound"), "float32", "neurons",
+              "Min and max of neurons at each position.", summary=True),
+    ArraySpec("attention_top_keys", ("position", "layer", "head", "attn_rank"), "int32",
+              "attention", "Most attended keys per query, layer and head (-1: none).",
+              summary=True),
+    ArraySpec("attention_top_weights", ("position", "layer", "head", "attn_rank"), "float32",
+              "attention", "Weights of attention_top_keys.", summary=True),
+)
+# fmt: on
+
+SPECS_BY_NAME: dict[str, ArraySpec] = {s.name: s for s in ARRAY_SPECS}
+
+#: Arrays whose per-position data the recorder passes to ``write_step`` (summaries are derived).
+STEP_INPUT_ARRAYS = tuple(
+    s.name for s in ARRAY_SPECS if s.group is not None and not s.summary
+)
+
+#: Every dimension; each has a coordinate array of the same name in the trace.
+DIMENSIONS = (
+    "position", "step", "point", "layer", "head", "key", "hidden", "neuron",
+    "rank", "attn_rank", "bound", "byte", "commit_field",
+)
+
+
+def storage_dtype(logical: str) -> np.dtype:
+    """The numpy dtype an array is stored with: bfloat16 travels as its uint16 bits."""
+    if logical == "bfloat16":
+        return np.dtype(np.uint16)
+    return np.dtype(logical)
+
+
+def logical_numpy_dtype(logical: str) -> np.dtype:
+    """The numpy dtype readers hand out (ml_dtypes.bfloat16 for bfloat16)."""
+    if logical == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(logical)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the recorded model is. Stored under ``model`` in the metadata."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    vocab_size: int
+    d_mlp: int | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    kind: str = "causal"  # "causal" (generates) or "encoder" (one forward step)
+    revision: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "kind": self.kind,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "d_mlp": self.d_mlp,
+            "vocab_size": self.vocab_size,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ModelInfo:
+        return cls(
+            name=obj["name"],
+            n_layers=int(obj["n_layers"]),
+            d_model=int(obj["d_model"]),
+            n_heads=int(obj["n_heads"]),
+            vocab_size=int(obj["vocab_size"]),
+            d_mlp=None if obj.get("d_mlp") is None else int(obj["d_mlp"]),
+            architecture=obj.get("architecture"),
+            model_type=obj.get("model_type"),
+            kind=obj.get("kind", "causal"),
+            revision=obj.get("revision"),
+        )
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    """Everything that fixes a trace's layout before recording starts.
+
+    ``layers`` are the block indices captured; residual points are the inputs and outputs of
+    those blocks (point ``p`` is the input of block ``p``; point ``n_layers`` is the output of
+    the last block, before the final norm).
+    """
+
+    model: ModelInfo
+    max_positions: int
+    captured: frozenset[str] = frozenset(CAPTURE_GROUPS)
+    layers: tuple[int, ...] | None = None
+    stored_dtype: str = "float16"
+    top_k: int = DEFAULT_TOP_K
+    attention_top_k: int = DEFAULT_ATTENTION_TOP_K
+    token_bytes: int = DEFAULT_TOKEN_BYTES
+    compression: str | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    _chunk_positions: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        layers = tuple(range(self.model.n_layers)) if self.layers is None else self.layers
+        object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in layers))))
+        object.__setattr__(self, "captured", frozenset(self.captured))
+        self.check()
+
+    # -- validation -------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise MetadataError when the plan is inconsistent or exceeds the safety limits."""
+        m = self.model
+        problems = []
+        unknown = set(self.captured) - set(CAPTURE_GROUPS)
+        if unknown:
+            problems.append(f"unknown capture group(s) {sorted(unknown)}; known: {CAPTURE_GROUPS}")
+        if self.stored_dtype not in ACTIVATION_DTYPES:
+            problems.append(f"stored dtype {self.stored_dtype!r} not one of {ACTIVATION_DTYPES}")
+        if not 1 <= self.max_positions <= MAX_POSITIONS:
+            problems.append(f"max_positions {self.max_positions} outside 1..{MAX_POSITIONS}")
+        for label, value, cap in (
+            ("n_layers", m.n_layers, MAX_LAYERS),
+            ("d_model", m.d_model, MAX_DIM),
+            ("n_heads", m.n_heads, MAX_HEADS),
+            ("vocab_size", m.vocab_size, 1 << 31),
+            ("top_k", self.top_k, MAX_TOP_K),
+            ("attention_top_k", self.attention_top_k, MAX_TOP_K),
+            ("token_bytes", self.token_bytes, MAX_TOKEN_BYTES),
+        ):
+            if not isinstance(value, int) or not 1 <= value <= cap:
+                problems.append(f"{label} = {value!r} outside 1..{cap}")
+        if m.d_mlp is not None and not 1 <= m.d_mlp <= MAX_DIM:
+            problems.append(f"d_mlp = {m.d_mlp!r} outside 1..{MAX_DIM}")
+        if "neurons" in self.captured and m.d_mlp is None:
+            problems.append("capturing neurons needs model.d_mlp")
+        if m.kind not in ("causal", "encoder"):
+            problems.append(f"model kind {m.kind!r} is neither 'causal' nor 'encoder'")
+        if not self.layers:
+            problems.append("no layers selected")
+        elif self.layers[0] < 0 or self.layers[-1] >= m.n_layers:
+            problems.append(f"layers {list(self.layers)} outside 0..{m.n_layers - 1}")
+        if self.compression not in (None, "zstd", "gzip"):
+            problems.append(f"compression {self.compression!r} not one of none, zstd, gzip")
+        if problems:
+            raise MetadataError("; ".join(problems))
+
+    # -- derived layout ---------------------------------------------------------------------
+    @property
+    def points(self) -> tuple[int, ...]:
+        """Residual-stream points captured: input and output of every captured block."""
+        return tuple(sorted({p for layer in self.layers for p in (layer, layer + 1)}))
+
+    def dim_sizes(self) -> dict[str, int]:
+        """Length of every dimension at allocation time."""
+        return {
+            "position": self.max_positions,
+            "step": self.max_positions,
+            "key": self.max_positions,
+            "point": len(self.points),
+            "layer": len(self.layers),
+            "head": self.model.n_heads,
+            "hidden": self.model.d_model,
+            "neuron": self.model.d_mlp or 0,
+            "rank": self.top_k,
+            "attn_rank": self.attention_top_k,
+            "bound": 2,
+            "byte": self.token_bytes,
+            "commit_field": 2,
+        }
+
+    def coordinate_values(self, dim: str) -> np.ndarray:
+        """Values of the coordinate array of ``dim`` (indices unless the dim is a selection)."""
+        if dim == "point":
+            return np.asarray(self.points, dtype=np.int64)
+        if dim == "layer":
+            return np.asarray(self.layers, dtype=np.int64)
+        return np.arange(self.dim_sizes()[dim], dtype=np.int64)
+
+    def array_specs(self) -> list[ArraySpec]:
+        """Specs of the data arrays this plan writes (coordinates excluded)."""
+        return [s for s in ARRAY_SPECS if s.group is None or s.group in self.captured]
+
+    def used_dims(self) -> list[str]:
+        used = {d for s in self.array_specs() for d in s.dims}
+        return [d for d in DIMENSIONS if d in used]
+
+    def logical_dtype(self, spec: ArraySpec) -> str:
+        return self.stored_dtype if spec.dtype == "activation" else spec.dtype
+
+    def shape(self, spec: ArraySpec) -> tuple[int, ...]:
+        sizes = self.dim_sizes()
+        return tuple(sizes[d] for d in spec.dims)
+
+    def _row_bytes(self, spec: ArraySpec) -> int:
+        """Bytes of one position of one chunk of ``spec`` (the key axis counts one key chunk)."""
+        sizes = self.dim_sizes()
+        n = 1
+        for d in spec.dims[1:]:
+            n *= min(sizes[d], KEY_CHUNK) if d == "key" else sizes[d]
+        return n * storage_dtype(self.logical_dtype(spec)).itemsize
+
+    @property
+    def chunk_positions(self) -> int:
+        """Commit block: positions per chunk of the largest per-position array.
+
+        Large arrays are chunked by exactly this many positions, so a commit at a block boundary
+        writes whole chunks (no read-modify-write)."""
+        if self._chunk_positions is not None:
+            return self._chunk_positions
+        biggest = max(
+            self._row_bytes(s) for s in self.array_specs() if s.dims[0] == "position"
+        )
+        return max(1, min(self.max_positions, self.chunk_bytes // max(1, biggest)))
+
+    def chunks(self, spec: ArraySpec) -> tuple[int, ...]:
+        """Chunk shape: whole rows, ``chunk_positions`` (or a small multiple for small arrays)."""
+        sizes = self.dim_sizes()
+        block = self.chunk_positions
+        first = spec.dims[0]
+        if first == "position":
+            fit = self.chunk_bytes // max(1, self._row_bytes(spec))
+            lead = max(block, min(64 * block, (fit // block) * block))
+            lead = min(lead, self.max_positions)
+        elif first == "step":
+            lead = min(STEP_CHUNK, self.max_positions)
+        else:
+            lead = max(1, sizes[first])
+        rest = tuple(
+            max(1, min(sizes[d], KEY_CHUNK)) if d == "key" else max(1, sizes[d])
+            for d in spec.dims[1:]
+        )
+        return (lead, *rest)
+
+    def compression_for(self, spec: ArraySpec) -> str | None:
+        """Attention rows are zero padded past the query: compress them on zarr by default."""
+        return self.compression
+
+    def estimated_bytes(self) -> int:
+        """Upper estimate of the trace size on disk, uncompressed (causal attention: triangle)."""
+        total = 0
+        P = self.max_positions
+        for spec in self.array_specs():
+            item = storage_dtype(self.logical_dtype(spec)).itemsize
+            shape = self.shape(spec)
+            if spec.name == "attention":
+                per_query = math.prod(shape[1:3])
+                keys = P * (P + 1) // 2 if self.model.kind == "causal" else P * P
+                total += per_query * keys * item
+            else:
+                total += math.prod(shape) * item
+        return total
+
+    # -- metadata ---------------------------------------------------------------------------
+    def capture_json(self) -> dict[str, Any]:
+        return {
+            "captured": [g for g in CAPTURE_GROUPS if g in self.captured],
+            "layers": list(self.layers),
+            "points": list(self.points),
+            "stored_dtype": self.stored_dtype,
+            "top_k": self.top_k,
+            "attention_top_k": self.attention_top_k,
+            "token_bytes": self.token_bytes,
+            "max_positions": self.max_positions,
+            "chunk_positions": self.chunk_positions,
+            "compression": self.compression,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> TracePlan:
+        """Rebuild the plan from a trace's metadata (raises MetadataError if inconsistent)."""
+        try:
+            cap = meta["capture"]
+            plan = cls(
+                model=ModelInfo.from_json(meta["model"]),
+                max_positions=int(cap["max_positions"]),
+                captured=frozenset(cap["captured"]),
+                layers=tuple(int(x) for x in cap["layers"]),
+                stored_dtype=cap["stored_dtype"],
+                top_k=int(cap["top_k"]),
+                attention_top_k=int(cap["attention_top_k"]),
+                token_bytes=int(cap["token_bytes"]),
+                compression=cap.get("compression"),
+                _chunk_positions=int(cap["chunk_positions"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MetadataError(f"metadata does not describe a valid layout: {exc!r}") from exc
+        if list(plan.points) != list(cap.get("points", plan.points)):
+            raise MetadataError(
+                f"metadata points {cap.get('points')} do not match layers {list(plan.layers)}"
+            )
+        return plan
+
+
+def parse_version(text: Any) -> tuple[int, int]:
+    """Parse ``"major.minor"``; anything else is a MetadataError."""
+    if not isinstance(text, str):
+        raise MetadataError(f"format version must be a 'major.minor' string, got {text!r}")
+    parts = text.split(".")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+        raise MetadataError(f"format version must be 'major.minor', got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def decode_token_text(raw: bytes) -> str:
+    """Token bytes as display text: invalid UTF-8 (partial byte-level tokens) is escaped."""
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def check_shape(name: str, actual: Iterable[int], expected: Iterable[int], dims: Iterable[str],
+                committed: Mapping[str, int]) -> None:
+    """Growing dims may be anywhere from the committed length to the allocation; others exact."""
+    actual, expected, dims = tuple(actual), tuple(expected), tuple(dims)
+    if len(actual) != len(expected):
+        raise CorruptTraceError(f"array {name!r} has {len(actual)} dimensions, expected "
+                                f"{len(expected)} {dims}")
+    for a, e, d in zip(actual, expected, dims, strict=True):
+        if d in GROWING_DIMS:
+            if not committed.get(d, 0) <= a <= e:
+                raise CorruptTraceError(
+                    f"array {name!r} dimension {d!r} has length {a}, expected between "
+                    f"{committed.get(d, 0)} (committed) and {e} (allocated)")
+        elif a != e:
+            raise CorruptTraceError(
+                f"array {name!r} dimension {d!r} has length {a}, expected {e}")

@@ -1,0 +1,173 @@
+"""Storage backends: one small interface, one private module per on-disk format.
+
+The writer and reader only talk to :class:`Backend` and :class:`StoredArray`. Each backend
+checks what it opens against an allowlist (codecs, filters, dtypes, metadata size) before it
+touches any data, so that a hostile file is refused rather than decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import NotATraceError, TraceError
+
+#: Stored (physical) dtypes any backend may hold. Everything else is refused on open.
+ALLOWED_DTYPES = frozenset(
+    np.dtype(t).str
+    for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+              "float16", "float32", "float64")
+)
+MAX_METADATA_BYTES = 1 << 20
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+class StoredArray(ABC):
+    """One stored n-d array. Indexing takes tuples of ints and step-1 slices, in bounds."""
+
+    name: str
+    dims: tuple[str, ...]
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    @abstractmethod
+    def chunks(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def attrs(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def __getitem__(self, key: tuple) -> np.ndarray: ...
+
+    @abstractmethod
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def resize(self, shape: tuple[int, ...]) -> None: ...
+
+    def missing_chunks(self, rows: int) -> list[str]:
+        """Chunks within the first ``rows`` of the leading axis that were never stored."""
+        return []
+
+
+class Backend(ABC):
+    """A trace container: root metadata plus named arrays with dimension names."""
+
+    format_name: str = ""
+    path: Path | None = None
+
+    @abstractmethod
+    def read_root_meta(self) -> dict[str, Any]:
+        """The root metadata object; NotATraceError/MetadataError when absent or malformed."""
+
+    @abstractmethod
+    def write_root_meta(self, meta: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def create_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                     chunks: tuple[int, ...], dims: tuple[str, ...], attrs: dict[str, Any],
+                     compression: str | None, write_empty_chunks: bool = True,
+                     coordinate: bool = False) -> StoredArray: ...
+
+    @abstractmethod
+    def array_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def get_array(self, name: str) -> StoredArray:
+        """The array, after its codecs and dtype passed the allowlist."""
+
+    def begin_streaming(self) -> None:
+        """Called once every object exists; from now on only array data changes."""
+
+    def end_streaming(self) -> None:
+        """Called before the final metadata update (after the last data write)."""
+
+    def flush(self) -> None:
+        """Make every write so far visible to readers (and durable across a crash)."""
+
+    def close(self) -> None: ...
+
+    def refresh(self) -> None:
+        """Pick up data a concurrent writer committed since opening."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """'zarr' or 'hdf5', from the bytes on disk (not the file name)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "zarr.json").is_file():
+            return "zarr"
+        raise NotATraceError(f"{p}: a directory without zarr.json is not a zarr trace")
+    if p.is_file():
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+        if head == HDF5_MAGIC:
+            return "hdf5"
+        raise NotATraceError(f"{p}: neither a zarr v3 directory nor an HDF5 file")
+    raise NotATraceError(f"{p}: no such file or directory")
+
+
+def format_from_suffix(path: str | os.PathLike[str], default: str = "zarr") -> str:
+    """The format a new trace gets from its name: .h5/.hdf5 -> hdf5, .zarr -> zarr."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".h5", ".hdf5", ".hdf"):
+        return "hdf5"
+    if suffix == ".zarr":
+        return "zarr"
+    return default
+
+
+def create_backend(path: str | os.PathLike[str] | None, fmt: str) -> Backend:
+    """A new, empty, writable backend. File backends write under a temporary name first."""
+    if fmt == "zarr":
+        from ._zarr import ZarrBackend
+
+        return ZarrBackend.create(Path(path))  # type: ignore[arg-type]
+    if fmt == "hdf5":
+        from ._hdf5 import HDF5Backend
+
+        return HDF5Backend.create(Path(path))  # type: ignore[arg-type]
+    if fmt == "memory":
+        from ._memory import MemoryBackend
+
+        return MemoryBackend()
+    raise TraceError(f"unknown trace format {fmt!r}; use zarr or hdf5")
+
+
+def open_backend(path: str | os.PathLike[str], writable: bool = False) -> Backend:
+    """Open an existing trace, choosing the backend by magic bytes."""
+    fmt = detect_format(path)
+    if fmt == "zarr":
+        from ._zarr import ZarrBackend
+
+        return ZarrBackend.open(Path(path), writable=writable)
+    from ._hdf5 import HDF5Backend
+
+    return HDF5Backend.open(Path(path), writable=writable)
+
+
+def check_dtype(name: str, dtype: np.dtype) -> None:
+    from ..errors import DisallowedCodecError
+
+    if dtype.str not in ALLOWED_DTYPES and np.dtype(dtype).newbyteorder("<").str not in (
+        ALLOWED_DTYPES
+    ):
+        raise DisallowedCodecError(f"array {name!r} has disallowed data type {dtype}")

@@ -1,0 +1,233 @@
+"""HDF5 single-file backend, written in SWMR mode so a killed writer leaves a valid file.
+
+Every object (datasets, dimension scales, attributes) is created first; then the file switches
+to SWMR, after which only raw data and dataset extents change. Readers open with ``swmr=True``,
+which also reads a file whose writer was killed (its consistency flag is still set).
+The metadata is a JSON string in the root attribute ``tracekit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import (
+    CorruptTraceError,
+    DisallowedCodecError,
+    MetadataError,
+    MissingArrayError,
+    NotATraceError,
+    TraceExistsError,
+)
+from ..format import ROOT_KEY
+from . import MAX_METADATA_BYTES, Backend, StoredArray, check_dtype
+
+# HDF5 filter ids every HDF5 build has: deflate, shuffle, fletcher32.
+ALLOWED_FILTERS = frozenset({1, 2, 3})
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+class HDF5Array(StoredArray):
+    def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...]) -> None:
+        self.name = name
+        self._ds = ds
+        self.dims = dims
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._ds.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._ds.dtype
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self._ds.chunks or self._ds.shape)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: v for k, v in self._ds.attrs.items()
+                if k not in ("DIMENSION_LIST", "DIMENSION_LABELS", "REFERENCE_LIST", "CLASS",
+                             "NAME")}
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        try:
+            return np.asarray(self._ds[key])
+        except _H5_ERRORS as exc:
+            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
+        self._ds[key] = value
+
+    def resize(self, shape: tuple[int, ...]) -> None:
+        self._ds.resize(shape)
+
+    def missing_chunks(self, rows: int) -> list[str]:
+        chunks = self.chunks
+        missing = []
+        for start in range(0, rows, chunks[0]):
+            offset = (start,) + (0,) * (len(chunks) - 1)
+            try:
+                info = self._ds.id.get_chunk_info_by_coord(offset)
+                if info.byte_offset is None:
+                    missing.append(str(offset))
+            except _H5_ERRORS:
+                missing.append(str(offset))
+        return missing
+
+
+class HDF5Backend(Backend):
+    format_name = "hdf5"
+
+    def __init__(self, path: Path, f: h5py.File, final_path: Path | None = None) -> None:
+        self.path = path
+        self._f = f
+        self._final_path = final_path
+
+    @classmethod
+    def create(cls, path: Path) -> HDF5Backend:
+        if path.exists():
+            raise TraceExistsError(f"{path} already exists")
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        f = h5py.File(tmp, "w", libver="latest")
+        return cls(tmp, f, final_path=path)
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> HDF5Backend:
+        try:
+            if writable:
+                f = h5py.File(path, "r+")
+            else:
+                try:
+                    f = h5py.File(path, "r", swmr=True)
+                except _H5_ERRORS:
+                    f = h5py.File(path, "r")
+        except _H5_ERRORS as exc:
+            raise CorruptTraceError(f"{path}: HDF5 file cannot be opened ({exc})") from exc
+        try:
+            has_meta = ROOT_KEY in f.attrs
+        except _H5_ERRORS as exc:
+            f.close()
+            raise CorruptTraceError(f"{path}: HDF5 root attributes unreadable ({exc})") from exc
+        if not has_meta:
+            f.close()
+            raise NotATraceError(f"{path}: HDF5 file without '{ROOT_KEY}' metadata")
+        return cls(path, f)
+
+    # -- metadata ---------------------------------------------------------------------------
+    def read_root_meta(self) -> dict[str, Any]:
+        try:
+            attr_id = self._f.attrs.get_id(ROOT_KEY)
+            if attr_id.get_storage_size() > MAX_METADATA_BYTES:
+                raise MetadataError(f"{self.path}: metadata larger than {MAX_METADATA_BYTES} B")
+            raw = self._f.attrs[ROOT_KEY]
+        except KeyError as exc:
+            raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata") from exc
+        except _H5_ERRORS as exc:
+            raise MetadataError(f"{self.path}: metadata unreadable ({exc})") from exc
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace")
+        if not isinstance(raw, str):
+            raise MetadataError(f"{self.path}: metadata attribute is not a JSON string")
+        try:
+            meta = json.loads(raw)
+        except ValueError as exc:
+            raise MetadataError(f"{self.path}: metadata is not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise MetadataError(f"{self.path}: metadata is not a JSON object")
+        return meta
+
+    def write_root_meta(self, meta: dict[str, Any]) -> None:
+        self._f.attrs[ROOT_KEY] = json.dumps(meta, sort_keys=True)
+
+    # -- arrays -----------------------------------------------------------------------------
+    def create_array(self, name, shape, dtype, chunks, dims, attrs, compression,
+                     write_empty_chunks=True, coordinate=False) -> StoredArray:
+        kwargs: dict[str, Any] = {}
+        if compression in ("gzip", "zstd"):  # zstd is not built into HDF5: use deflate
+            kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
+        ds = self._f.create_dataset(
+            name, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0,
+            maxshape=tuple(None for _ in shape), **kwargs,
+        )
+        for key, value in attrs.items():
+            ds.attrs[key] = value
+        if coordinate:
+            ds.make_scale(dims[0])
+        else:
+            for axis, dim in enumerate(dims):
+                ds.dims[axis].label = dim
+                if dim in self._f:
+                    ds.dims[axis].attach_scale(self._f[dim])
+        return HDF5Array(name, ds, tuple(dims))
+
+    def array_names(self) -> list[str]:
+        return sorted(k for k, v in self._f.items() if isinstance(v, h5py.Dataset))
+
+    def get_array(self, name: str) -> StoredArray:
+        try:
+            ds = self._f[name]
+        except KeyError as exc:
+            raise MissingArrayError(f"array {name!r} is missing") from exc
+        except _H5_ERRORS as exc:
+            raise CorruptTraceError(f"array {name!r}: cannot open ({exc})") from exc
+        if not isinstance(ds, h5py.Dataset):
+            raise CorruptTraceError(f"{name!r} is not a dataset")
+        try:
+            dcpl = ds.id.get_create_plist()
+            filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+            dtype = ds.dtype
+        except _H5_ERRORS as exc:
+            raise CorruptTraceError(f"array {name!r}: unreadable header ({exc})") from exc
+        bad = [f for f in filters if f not in ALLOWED_FILTERS]
+        if bad:
+            raise DisallowedCodecError(f"array {name!r} uses disallowed HDF5 filter id(s) {bad}")
+        check_dtype(name, dtype)
+        if ds.is_scale:
+            dims: tuple[str, ...] = (name,)
+        else:
+            dims = tuple(d.label for d in ds.dims)
+        return HDF5Array(name, ds, dims)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def begin_streaming(self) -> None:
+        self._f.flush()
+        self._f.swmr_mode = True
+        self._f.flush()
+        if self._final_path is not None:
+            if self._final_path.exists():
+                raise TraceExistsError(f"{self._final_path} appeared while it was created")
+            os.rename(self.path, self._final_path)  # type: ignore[arg-type]
+            self.path = self._final_path
+            self._final_path = None
+
+    def end_streaming(self) -> None:
+        """Leave SWMR mode (attributes cannot change in it): reopen read-write."""
+        self._f.flush()
+        self._f.close()
+        self._f = h5py.File(self.path, "r+")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def refresh(self) -> None:
+        for ds in self._f.values():
+            if isinstance(ds, h5py.Dataset) and self._f.swmr_mode:
+                ds.refresh()
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except _H5_ERRORS:
+            pass
+
+    def discard(self) -> None:
+        if self._final_path is not None and self.path is not None:
+            self.close()
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,218 @@
+"""zarr v3 directory backend (the default).
+
+Layout: a zarr v3 group whose ``attributes.tracekit`` holds the metadata, one array per logical
+array at the root, ``dimension_names`` on each. Every ``zarr.json`` is read and checked against
+the codec allowlist by this module before zarr-python is allowed to open it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from ..errors import (
+    CorruptTraceError,
+    DisallowedCodecError,
+    MetadataError,
+    MissingArrayError,
+    NotATraceError,
+    TraceExistsError,
+)
+from ..format import ROOT_KEY
+from . import MAX_METADATA_BYTES, Backend, StoredArray, check_dtype
+
+ALLOWED_CODECS = frozenset(
+    {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
+)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as exc:
+        raise MissingArrayError(f"{what}: {path.name} is missing") from exc
+    if size > MAX_METADATA_BYTES:
+        raise MetadataError(f"{what}: {path.name} is {size} bytes (limit {MAX_METADATA_BYTES})")
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"{what}: {path.name} is not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise MetadataError(f"{what}: {path.name} is not a JSON object")
+    return obj
+
+
+def _check_codecs(name: str, codecs: Any) -> None:
+    if not isinstance(codecs, list):
+        raise CorruptTraceError(f"array {name!r}: codecs must be a list")
+    for codec in codecs:
+        cname = codec.get("name") if isinstance(codec, dict) else codec
+        if cname not in ALLOWED_CODECS:
+            raise DisallowedCodecError(f"array {name!r} uses disallowed codec {cname!r}")
+        if cname == "sharding_indexed":
+            conf = codec.get("configuration", {})
+            _check_codecs(name, conf.get("codecs", []))
+            _check_codecs(name, conf.get("index_codecs", []))
+
+
+class ZarrArray(StoredArray):
+    def __init__(self, name: str, arr: zarr.Array, dims: tuple[str, ...]) -> None:
+        self.name = name
+        self._arr = arr
+        self.dims = dims
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._arr.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._arr.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self._arr.chunks)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._arr.attrs)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        try:
+            return np.asarray(self._arr[key])
+        except (ValueError, RuntimeError, OSError, TypeError) as exc:
+            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
+        self._arr[key] = value
+
+    def resize(self, shape: tuple[int, ...]) -> None:
+        self._arr.resize(shape)
+
+    def missing_chunks(self, rows: int) -> list[str]:
+        root = Path(str(self._arr.store.root)) / self.name  # type: ignore[attr-defined]
+        counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
+        counts[0] = math.ceil(rows / self.chunks[0]) if self.shape else 0
+        missing = []
+        for idx in itertools.product(*(range(n) for n in counts)):
+            key = "/".join(["c", *map(str, idx)])
+            if not (root / key).is_file():
+                missing.append(key)
+        return missing
+
+
+class ZarrBackend(Backend):
+    format_name = "zarr"
+
+    def __init__(self, path: Path, group: zarr.Group, final_path: Path | None = None) -> None:
+        self.path = path
+        self._group = group
+        self._final_path = final_path  # set while writing under a temporary name
+        self._meta_cache: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def create(cls, path: Path) -> ZarrBackend:
+        if path.exists():
+            raise TraceExistsError(f"{path} already exists")
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        group = zarr.open_group(store=zarr.storage.LocalStore(str(tmp)), mode="w")
+        return cls(tmp, group, final_path=path)
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> ZarrBackend:
+        root = _read_json(path / "zarr.json", str(path))
+        if root.get("zarr_format") != 3 or root.get("node_type") != "group":
+            raise NotATraceError(f"{path}: not a zarr v3 group")
+        attrs = root.get("attributes")
+        if not isinstance(attrs, dict) or ROOT_KEY not in attrs:
+            raise NotATraceError(f"{path}: zarr group without '{ROOT_KEY}' metadata")
+        store = zarr.storage.LocalStore(str(path), read_only=not writable)
+        try:
+            group = zarr.open_group(store=store, mode="r+" if writable else "r")
+        except Exception as exc:  # zarr raises many types for malformed groups
+            raise NotATraceError(f"{path}: cannot open as zarr group ({exc})") from exc
+        return cls(path, group)
+
+    # -- metadata ---------------------------------------------------------------------------
+    def read_root_meta(self) -> dict[str, Any]:
+        root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+        meta = root.get("attributes", {}).get(ROOT_KEY)
+        if not isinstance(meta, dict):
+            raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata object")
+        return meta
+
+    def write_root_meta(self, meta: dict[str, Any]) -> None:
+        self._group.attrs.put({ROOT_KEY: meta})
+
+    # -- arrays -----------------------------------------------------------------------------
+    def create_array(self, name, shape, dtype, chunks, dims, attrs, compression,
+                     write_empty_chunks=True, coordinate=False) -> StoredArray:
+        compressors: Any = None
+        if compression == "zstd":
+            compressors = zarr.codecs.ZstdCodec(level=1)
+        elif compression == "gzip":
+            compressors = zarr.codecs.GzipCodec(level=1)
+        arr = self._group.create_array(
+            name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors,
+            fill_value=0, dimension_names=list(dims), attributes=attrs,
+            config={"write_empty_chunks": write_empty_chunks},
+        )
+        return ZarrArray(name, arr, tuple(dims))
+
+    def array_names(self) -> list[str]:
+        names = []
+        for entry in sorted(os.listdir(self.path)):
+            if (self.path / entry / "zarr.json").is_file():  # type: ignore[operator]
+                names.append(entry)
+        return names
+
+    def get_array(self, name: str) -> StoredArray:
+        meta = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+        if meta.get("node_type") != "array":
+            raise CorruptTraceError(f"{name!r} is not an array")
+        _check_codecs(name, meta.get("codecs"))
+        dims = meta.get("dimension_names")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise CorruptTraceError(f"array {name!r}: malformed shape {shape!r}")
+        if not isinstance(dims, list) or len(dims) != len(shape):
+            raise CorruptTraceError(f"array {name!r}: dimension_names missing or wrong length")
+        try:
+            check_dtype(name, np.dtype(meta.get("data_type")))
+        except TypeError as exc:
+            raise DisallowedCodecError(
+                f"array {name!r} has disallowed data type {meta.get('data_type')!r}") from exc
+        try:
+            arr = zarr.open_array(store=self._group.store, path=name,
+                                  mode="r+" if not self._group.read_only else "r")
+        except Exception as exc:
+            raise CorruptTraceError(f"array {name!r}: cannot open ({exc})") from exc
+        return ZarrArray(name, arr, tuple(dims))
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def begin_streaming(self) -> None:
+        """Move the fully laid out trace to its final name, then keep writing there."""
+        if self._final_path is None:
+            return
+        if self._final_path.exists():
+            raise TraceExistsError(f"{self._final_path} appeared while the trace was created")
+        os.rename(self.path, self._final_path)  # type: ignore[arg-type]
+        self.path = self._final_path
+        self._final_path = None
+        self._group = zarr.open_group(store=zarr.storage.LocalStore(str(self.path)), mode="r+")
+
+    def discard(self) -> None:
+        """Remove a trace that never got past creation."""
+        if self._final_path is not None and self.path is not None and self.path.exists():
+            shutil.rmtree(self.path)

@@ -1,0 +1,489 @@
+"""The streaming trace writer the recorder feeds one step at a time.
+
+Design (see the spec, "Writing"):
+
+* Every array is created and preallocated to ``plan.max_positions`` before the first step; the
+  trace is laid out under a temporary name and moved into place once complete, so a trace path
+  that exists always has its full structure.
+* Steps go through a bounded queue to a background thread, so the model only waits on disk when
+  the queue is full. The thread buffers positions and commits whole chunks: at every multiple of
+  ``plan.chunk_positions`` positions, and at least every ``commit_interval`` seconds.
+* Commit protocol: write the data of the new positions (and their summaries), flush, then write
+  the ``commit`` counter, flush. Readers trust only the counter, so a writer killed at any
+  instant leaves a trace whose committed positions are exact.
+* At the end, arrays are trimmed to the committed length once and the metadata is rewritten
+  once with the final status.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from . import __version__
+from .errors import TraceError, WriterError
+from .format import (
+    FORMAT_VERSION_STR,
+    GROWING_DIMS,
+    SCHEMA_NAME,
+    SPECS_BY_NAME,
+    STEP_INPUT_ARRAYS,
+    TracePlan,
+    storage_dtype,
+)
+from .storage import Backend, create_backend, format_from_suffix
+
+_STOP = object()
+_FLUSH = object()
+
+#: Summary arrays derived from each input array.
+_NORMS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
+_RANGES = {"residual": "residual_range", "attn_out": "attn_out_range",
+           "mlp_out": "mlp_out_range", "neurons": "neurons_range"}
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint16:  # bfloat16 bits
+        x = x.view(ml_dtypes.bfloat16)
+    return x.astype(np.float32, copy=False)
+
+
+def _to_stored(x: np.ndarray, logical: str) -> np.ndarray:
+    """Cast to the stored representation (bfloat16 -> its uint16 bits)."""
+    if logical == "bfloat16":
+        if x.dtype == np.uint16:
+            return x
+        if x.dtype != ml_dtypes.bfloat16:
+            x = x.astype(ml_dtypes.bfloat16)
+        return x.view(np.uint16)
+    return np.asarray(x, dtype=storage_dtype(logical))
+
+
+class _Step:
+    __slots__ = ("start", "n", "index", "ids", "texts", "arrays", "time")
+
+    def __init__(self, start, n, index, ids, texts, arrays, t):
+        self.start, self.n, self.index = start, n, index
+        self.ids, self.texts, self.arrays, self.time = ids, texts, arrays, t
+
+
+class TraceWriter:
+    """Writes one trace. Use :func:`create` to make one; feed :meth:`write_step`; then
+    :meth:`close` (or use it as a context manager: an exception marks the trace ``aborted``)."""
+
+    def __init__(self, backend: Backend, plan: TracePlan, *, run: Mapping[str, Any] | None = None,
+                 prompt_length: int = 0, tags: Mapping[str, Any] | None = None,
+                 environment: Mapping[str, Any] | None = None, queue_size: int = 32,
+                 commit_interval: float = 1.0) -> None:
+        self.plan = plan
+        self._backend = backend
+        self._commit_interval = commit_interval
+        self._meta: dict[str, Any] = {
+            "schema": SCHEMA_NAME,
+            "version": FORMAT_VERSION_STR,
+            "status": "recording",
+            "created": _utcnow(),
+            "finished": None,
+            "length": None,
+            "prompt_length": int(prompt_length),
+            "model": plan.model.to_json(),
+            "run": dict(run or {}),
+            "capture": plan.capture_json(),
+            "environment": {
+                "tracekit": __version__,
+                "python": platform.python_version(),
+                "numpy": np.__version__,
+                "platform": platform.platform(),
+                **dict(environment or {}),
+            },
+            "summary": None,
+            "tags": dict(tags or {}),
+        }
+        self._specs = plan.array_specs()
+        self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
+        try:
+            self._layout()
+            backend.write_root_meta(self._meta)
+            backend.begin_streaming()
+        except BaseException:
+            discard = getattr(backend, "discard", None)
+            if discard is not None:
+                discard()
+            raise
+        self._arrays = {s.name: backend.get_array(s.name) for s in self._specs}
+        self._coords = {d: backend.get_array(d) for d in plan.used_dims()}
+        self._row_shapes = self._expected_row_shapes()
+
+        # Producer-side state.
+        self._next_position = 0
+        self._next_step = 0
+        self._closed = False
+        # Worker-side state.
+        self._committed = (0, 0)
+        self._bytes_written = 0
+        self._ranges: dict[str, list[float]] = {}
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._flushed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tracekit-writer", daemon=True)
+        self._thread.start()
+
+    # -- layout -----------------------------------------------------------------------------
+    def _layout(self) -> None:
+        plan, be = self.plan, self._backend
+        for dim in plan.used_dims():
+            values = plan.coordinate_values(dim)
+            arr = be.create_array(dim, values.shape, values.dtype, (max(1, min(len(values),
+                                  1 << 16)),), (dim,), {}, None, coordinate=True)
+            if len(values):
+                arr[(slice(0, len(values)),)] = values
+        for spec in self._specs:
+            logical = plan.logical_dtype(spec)
+            attrs = {"description": spec.description}
+            if spec.dtype == "activation":
+                attrs["logical_dtype"] = logical
+            be.create_array(
+                spec.name, plan.shape(spec), storage_dtype(logical), plan.chunks(spec),
+                spec.dims, attrs, plan.compression_for(spec),
+                write_empty_chunks=spec.name != "attention",
+            )
+
+    def _expected_row_shapes(self) -> dict[str, tuple[int, ...]]:
+        sizes = self.plan.dim_sizes()
+        return {name: tuple(sizes[d] for d in SPECS_BY_NAME[name].dims[1:])
+                for name in self._inputs}
+
+    # -- producer API -----------------------------------------------------------------------
+    @property
+    def path(self) -> Path | None:
+        return self._backend.path
+
+    @property
+    def committed_positions(self) -> int:
+        return self._committed[0]
+
+    @property
+    def positions_written(self) -> int:
+        """Positions handed to the writer so far (committed or still queued)."""
+        return self._next_position
+
+    @property
+    def bytes_written(self) -> int:
+        """Uncompressed bytes of array data written (committed) so far."""
+        return self._bytes_written
+
+    def write_step(self, token_ids: Sequence[int] | np.ndarray,
+                   token_texts: Sequence[bytes | str], arrays: Mapping[str, np.ndarray],
+                   *, step_time: float | None = None) -> None:
+        """Queue one step: ``n`` new positions, their token ids and texts, and one array per
+        captured input (leading axis ``n``; attention's last axis is the number of keys).
+
+        Arrays must not be modified after the call; the writer thread reads them later.
+        Summary arrays (``residual_norm``, ...) may be passed precomputed; the rest are derived.
+        """
+        self._raise_if_failed()
+        if self._closed:
+            raise WriterError("write_step on a closed writer")
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if n == 0:
+            raise WriterError("a step must compute at least one position")
+        if self._next_position + n > self.plan.max_positions:
+            raise WriterError(
+                f"step would end at position {self._next_position + n}, beyond the planned "
+                f"max_positions {self.plan.max_positions}")
+        if len(token_texts) != n:
+            raise WriterError(f"{len(token_texts)} token texts for {n} positions")
+        texts = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in token_texts]
+        given = set(arrays)
+        missing = set(self._inputs) - given
+        extra = given - set(self._inputs) - {_NORMS.get(a) for a in self._inputs} - {
+            "attention_top_keys", "attention_top_weights"}
+        if missing:
+            raise WriterError(f"step lacks captured array(s) {sorted(missing)}")
+        if extra:
+            raise WriterError(f"step has array(s) not in the plan: {sorted(extra)}")
+        for name in self._inputs:
+            shape = tuple(np.shape(arrays[name]))
+            want = self._row_shapes[name]
+            if name == "attention":
+                ok = (len(shape) == 4 and shape[:3] == (n, *want[:2])
+                      and 1 <= shape[3] <= self.plan.max_positions)
+                want_txt = f"({n}, {want[0]}, {want[1]}, keys<={self.plan.max_positions})"
+            else:
+                ok = shape == (n, *want)
+                want_txt = str((n, *want))
+            if not ok:
+                raise WriterError(f"array {name!r} has shape {shape}, expected {want_txt}")
+        step = _Step(self._next_position, n, self._next_step, ids, texts, dict(arrays),
+                     time.time() if step_time is None else float(step_time))
+        self._next_position += n
+        self._next_step += 1
+        self._put(step)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every queued step is committed."""
+        self._flushed.clear()
+        self._put(_FLUSH)
+        self._flushed.wait(timeout)
+        self._raise_if_failed()
+
+    def close(self, status: str = "complete") -> None:
+        """Commit what is queued, trim the arrays, write the final metadata and close.
+
+        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C). If the writer thread
+        failed, the trace is closed as ``aborted`` with its committed data, and the error is
+        raised as a WriterError.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._put(_STOP, force=True)
+        self._thread.join()
+        error = self._error
+        try:
+            self._finalize("aborted" if error is not None else status)
+        except Exception as exc:
+            if error is None:
+                raise WriterError(f"finalizing the trace failed: {exc}") from exc
+        finally:
+            self._backend.close()
+        if error is not None:
+            raise WriterError(f"recording failed: {error}") from error
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("complete")
+        else:
+            try:
+                self.close("aborted")
+            except TraceError:
+                pass
+
+    # -- internals --------------------------------------------------------------------------
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WriterError(f"recording failed: {self._error}") from self._error
+
+    def _put(self, item: Any, force: bool = False) -> None:
+        while True:
+            if self._error is not None and not force:
+                self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    raise WriterError("writer thread is gone") from self._error
+
+    def _run(self) -> None:
+        pending: list[_Step] = []
+        last_commit = time.monotonic()
+        block = self.plan.chunk_positions
+        while True:
+            timeout = max(0.01, self._commit_interval - (time.monotonic() - last_commit))
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if self._error is not None:  # keep draining so the producer never blocks
+                if item is _STOP:
+                    return
+                if item is _FLUSH:
+                    self._flushed.set()
+                continue
+            try:
+                if isinstance(item, _Step):
+                    pending.append(item)
+                    end = item.start + item.n
+                    boundary = (self._committed[0] // block + 1) * block
+                    due = time.monotonic() - last_commit >= self._commit_interval
+                    if end >= boundary or due:
+                        self._commit(pending)
+                        pending = []
+                        last_commit = time.monotonic()
+                elif item is None or item is _FLUSH or item is _STOP:
+                    if pending:
+                        self._commit(pending)
+                        pending = []
+                    last_commit = time.monotonic()
+                    if item is _FLUSH:
+                        self._flushed.set()
+                    if item is _STOP:
+                        return
+            except BaseException as exc:  # surfaced to the producer
+                self._error = exc
+                pending = []
+                if item is _FLUSH:
+                    self._flushed.set()
+                if item is _STOP:
+                    return
+
+    def _write(self, name: str, region: tuple, data: np.ndarray) -> None:
+        self._arrays[name][region] = data
+        self._bytes_written += data.nbytes
+
+    def _commit(self, steps: list[_Step]) -> None:
+        plan = self.plan
+        start = steps[0].start
+        end = steps[-1].start + steps[-1].n
+        rows = (slice(start, end),)
+        n = end - start
+        ids = np.concatenate([s.ids for s in steps])
+        texts = [t for s in steps for t in s.texts]
+        width = plan.token_bytes
+        tb = np.zeros((n, width), dtype=np.uint8)
+        nbytes = np.zeros(n, dtype=np.int32)
+        for i, raw in enumerate(texts):
+            nbytes[i] = len(raw)
+            chunk = raw[:width]
+            tb[i, : len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        token_step = np.concatenate(
+            [np.full(s.n, s.index, dtype=np.int32) for s in steps])
+        self._write("token_id", rows, ids)
+        self._write("token_bytes", rows, tb)
+        self._write("token_nbytes", rows, nbytes)
+        self._write("token_step", rows, token_step)
+
+        for name in self._inputs:
+            spec = SPECS_BY_NAME[name]
+            logical = plan.logical_dtype(spec)
+            if name == "attention":
+                self._commit_attention(steps, start, end, logical)
+                continue
+            data = _to_stored(np.concatenate([s.arrays[name] for s in steps]), logical)
+            self._write(name, rows, data)
+            if name in _NORMS:
+                norm_name = _NORMS[name]
+                if all(norm_name in s.arrays for s in steps):
+                    norms = np.concatenate([s.arrays[norm_name] for s in steps])
+                    norms = np.asarray(norms, dtype=np.float32)
+                else:
+                    values = _as_float32(data)
+                    norms = np.sqrt(np.einsum("...i,...i->...", values, values))
+                self._write(norm_name, rows, norms)
+                self._track(norm_name, norms)
+            if name in _RANGES:
+                values = _as_float32(data).reshape(n, -1)
+                rng = np.stack([values.min(axis=1), values.max(axis=1)], axis=1)
+                self._write(_RANGES[name], rows, rng)
+                self._track(name, rng)
+
+        s0, s1 = steps[0].index, steps[-1].index + 1
+        srows = (slice(s0, s1),)
+        self._write("step_start", srows, np.array([s.start for s in steps], dtype=np.int64))
+        self._write("step_positions", srows, np.array([s.n for s in steps], dtype=np.int32))
+        self._write("step_time", srows, np.array([s.time for s in steps], dtype=np.float64))
+
+        # Data first, then the counter that makes it visible.
+        self._backend.flush()
+        self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
+        self._backend.flush()
+        self._committed = (end, s1)
+
+    def _commit_attention(self, steps: list[_Step], start: int, end: int, logical: str) -> None:
+        n = end - start
+        keys = max(s.arrays["attention"].shape[3] for s in steps)
+        layers, heads = self.plan.dim_sizes()["layer"], self.plan.dim_sizes()["head"]
+        if len(steps) == 1 and steps[0].arrays["attention"].shape[3] == keys:
+            block = _to_stored(steps[0].arrays["attention"], logical)
+        else:
+            block = np.zeros((n, layers, heads, keys), dtype=storage_dtype(logical))
+            for s in steps:
+                a = s.arrays["attention"]
+                block[s.start - start: s.start - start + s.n, :, :, : a.shape[3]] = _to_stored(
+                    a, logical)
+        self._write("attention", (slice(start, end), slice(None), slice(None), slice(0, keys)),
+                    block)
+        if all("attention_top_keys" in s.arrays for s in steps):
+            top_k = np.concatenate([s.arrays["attention_top_keys"] for s in steps])
+            top_w = np.concatenate([s.arrays["attention_top_weights"] for s in steps])
+        else:
+            top_k, top_w = attention_top_k(_as_float32(block), self.plan.attention_top_k)
+        rows = (slice(start, end),)
+        self._write("attention_top_keys", rows, np.asarray(top_k, dtype=np.int32))
+        self._write("attention_top_weights", rows, np.asarray(top_w, dtype=np.float32))
+
+    def _track(self, name: str, values: np.ndarray) -> None:
+        lo, hi = float(np.min(values)), float(np.max(values))
+        cur = self._ranges.get(name)
+        self._ranges[name] = [lo, hi] if cur is None else [min(cur[0], lo), max(cur[1], hi)]
+
+    def _finalize(self, status: str) -> None:
+        positions, steps = self._committed
+        lengths = {"position": positions, "key": positions, "step": steps}
+        for arr in [*self._arrays.values(), *self._coords.values()]:
+            new = tuple(lengths.get(d, s) if d in GROWING_DIMS else s
+                        for d, s in zip(arr.dims, arr.shape, strict=True))
+            if new != arr.shape:
+                arr.resize(new)
+        self._backend.flush()
+        self._backend.end_streaming()
+        self._meta.update(
+            status=status,
+            finished=_utcnow(),
+            length={"positions": positions, "steps": steps},
+            summary={"value_ranges": {k: v for k, v in sorted(self._ranges.items())}},
+        )
+        self._backend.write_root_meta(self._meta)
+
+
+def attention_top_k(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` keys per row of ``weights[..., key]``, by weight, descending; -1 where the
+    weight is 0 (no key there)."""
+    keys = weights.shape[-1]
+    kk = min(k, keys)
+    idx = np.argpartition(-weights, kk - 1, axis=-1)[..., :kk]
+    w = np.take_along_axis(weights, idx, axis=-1)
+    order = np.argsort(-w, axis=-1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=-1)
+    w = np.take_along_axis(w, order, axis=-1)
+    out_i = np.full((*weights.shape[:-1], k), -1, dtype=np.int32)
+    out_w = np.zeros((*weights.shape[:-1], k), dtype=np.float32)
+    out_i[..., :kk] = np.where(w > 0, idx, -1)
+    out_w[..., :kk] = np.where(w > 0, w, 0)
+    return out_i, out_w
+
+
+def create(path: str | os.PathLike[str] | Backend, plan: TracePlan, *, format: str | None = None,
+           overwrite: bool = False, **metadata: Any) -> TraceWriter:
+    """Create a trace at ``path`` (zarr directory or HDF5 file, from ``format`` or the suffix)
+    and return its writer. Keyword arguments (``run``, ``prompt_length``, ``tags``,
+    ``environment``, ``queue_size``, ``commit_interval``) go to :class:`TraceWriter`."""
+    if isinstance(path, Backend):
+        return TraceWriter(path, plan, **metadata)
+    fmt = format or format_from_suffix(path)
+    p = Path(path)
+    if p.exists():
+        if not overwrite:
+            from .errors import TraceExistsError
+
+            raise TraceExistsError(f"{p} already exists (pass overwrite=True / --force)")
+        _remove(p)
+    return TraceWriter(create_backend(p, fmt), plan, **metadata)
+
+
+def _remove(p: Path) -> None:
+    import shutil
+
+    if p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
