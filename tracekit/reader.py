@@ -366,10 +366,7 @@ class Trace:
         if name in ranges:
             lo, hi = ranges[name]
             return float(lo), float(hi)
-        if name.endswith("_norm"):
-            data = self[name][:]
-        else:
-            data = self[f"{name}_range"][:]
+        data = self[name][:] if name.endswith("_norm") else self[f"{name}_range"][:]
         if data.size == 0:
             return (0.0, 0.0)
         return float(np.min(data)), float(np.max(data))

@@ -17,6 +17,7 @@ Design (see the spec, "Writing"):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -272,10 +273,8 @@ class TraceWriter:
         if exc_type is None:
             self.close("complete")
         else:
-            try:
+            with contextlib.suppress(TraceError):
                 self.close("aborted")
-            except TraceError:
-                pass
 
     # -- internals --------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:

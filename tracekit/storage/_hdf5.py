@@ -8,6 +8,7 @@ The metadata is a JSON string in the root attribute ``tracekit``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -222,10 +223,8 @@ class HDF5Backend(Backend):
                 ds.refresh()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(_H5_ERRORS):
             self._f.close()
-        except _H5_ERRORS:
-            pass
 
     def discard(self) -> None:
         if self._final_path is not None and self.path is not None:
