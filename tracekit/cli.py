@@ -1,13 +1,173 @@
-"""The ``tracekit`` command line. Every command's first docstring line is its help."""
+"""The ``tracekit`` command line. Every command's first docstring line is its help.
+
+Errors a user can cause print one line (``Error: ...``) and exit non-zero, never a traceback.
+"""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
+from .errors import TraceError
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (decimal units, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def disk_usage(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (only on a terminal); yields update(done, total)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+class TraceCommand(click.Command):
+    """A command whose TraceErrors become one-line CLI errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TraceError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".strip(
+                ": ")) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tracekit")
 def main() -> None:
     """Record what a transformer does, token by token, and replay it anywhere."""
+
+
+def _ranges(values: list[int]) -> str:
+    """[0,1,2,5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
+def _info_json(trace, path: Path) -> dict[str, Any]:
+    arrays = {}
+    for name in trace.array_names():
+        arr = trace[name]
+        arrays[name] = {"dims": list(arr.dims), "shape": list(arr.shape),
+                        "dtype": arr.logical_dtype}
+    return {
+        "path": str(path),
+        "format": trace.format,
+        "positions": trace.n_positions,
+        "steps": trace.n_steps,
+        "disk_bytes": disk_usage(path),
+        "text": "".join(t.text for t in trace.tokens),
+        "arrays": arrays,
+        "metadata": trace.metadata,
+    }
+
+
+@main.command(cls=TraceCommand)
+@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON, for scripts.")
+def info(trace: Path, as_json: bool) -> None:
+    """Summarise a trace: model, run, what was captured, arrays and sizes."""
+    from .reader import open_or_error
+
+    with open_or_error(trace) as t:
+        data = _info_json(t, trace)
+        if as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+            return
+        m, run, cap = t.model, t.metadata.get("run", {}), t.metadata["capture"]
+        status = t.status if t.status != "recording" else "recording (not finalized)"
+        lines = [
+            f"Trace     {trace} ({t.format}, format {t.metadata['version']}, "
+            f"{human_bytes(data['disk_bytes'])})",
+            f"Status    {status}: {t.n_positions} positions in {t.n_steps} steps "
+            f"(prompt {t.prompt_length})",
+            f"Model     {m['name']} ({m.get('architecture') or '?'}, {m['kind']}): "
+            f"{m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, "
+            f"vocab {m['vocab_size']}",
+            f"Captured  {', '.join(cap['captured']) or 'tokens only'}",
+            f"Layers    {_ranges(cap['layers'])} (residual points {_ranges(cap['points'])})",
+            f"Stored    {cap['stored_dtype']}, top-k {cap['top_k']}, "
+            f"attention top-k {cap['attention_top_k']}",
+        ]
+        run_bits = [f"{k} {run[k]}" for k in ("device", "model_dtype", "attn_implementation")
+                    if run.get(k)]
+        if run_bits:
+            lines.append(f"Run       {', '.join(run_bits)}")
+        lines.append(f"Created   {t.metadata['created']}")
+        lines.append(f"Text      {data['text']!r}")
+        lines.append("Arrays")
+        width = max(len(n) for n in data["arrays"])
+        for name, a in data["arrays"].items():
+            shape = " x ".join(f"{d} {s}" for d, s in zip(a["dims"], a["shape"], strict=True))
+            lines.append(f"  {name:<{width}}  {a['dtype']:<8}  {shape}")
+        click.echo("\n".join(lines))
+
+
+@main.command(cls=TraceCommand)
+@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.option("--quick", is_flag=True, help="Check structure only; do not decode every chunk.")
+def validate(trace: Path, quick: bool) -> None:
+    """Check a trace against the spec; exit 1 with one line per problem."""
+    from .validate import validate as run_validate
+
+    with progress_bar("validating") as update:
+        problems = run_validate(trace, quick=quick, progress=update)
+    if problems:
+        for p in problems:
+            click.echo(f"{trace}: {p}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{trace}: valid")
+
+
+@main.command(cls=TraceCommand)
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]),
+              help="Destination format (default: from DST's suffix, else the other one).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def convert(src: Path, dst: Path, fmt: str | None, force: bool) -> None:
+    """Convert a trace between zarr and HDF5, bit-exact."""
+    from .convert import convert as run_convert
+
+    with progress_bar("converting") as update:
+        out = run_convert(src, dst, format=fmt, overwrite=force, progress=update)
+    click.echo(f"wrote {out} ({human_bytes(disk_usage(out))})")
+
+

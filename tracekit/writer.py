@@ -42,7 +42,7 @@ from .format import (
     TracePlan,
     storage_dtype,
 )
-from .storage import Backend, create_backend, format_from_suffix
+from .storage import Backend, StoredArray, create_backend, format_from_suffix
 
 _STOP = object()
 _FLUSH = object()
@@ -117,7 +117,7 @@ class TraceWriter:
         self._specs = plan.array_specs()
         self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
         try:
-            self._layout()
+            create_layout(backend, plan)
             backend.write_root_meta(self._meta)
             backend.begin_streaming()
         except BaseException:
@@ -142,26 +142,6 @@ class TraceWriter:
         self._flushed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tracekit-writer", daemon=True)
         self._thread.start()
-
-    # -- layout -----------------------------------------------------------------------------
-    def _layout(self) -> None:
-        plan, be = self.plan, self._backend
-        for dim in plan.used_dims():
-            values = plan.coordinate_values(dim)
-            arr = be.create_array(dim, values.shape, values.dtype, (max(1, min(len(values),
-                                  1 << 16)),), (dim,), {}, None, coordinate=True)
-            if len(values):
-                arr[(slice(0, len(values)),)] = values
-        for spec in self._specs:
-            logical = plan.logical_dtype(spec)
-            attrs = {"description": spec.description}
-            if spec.dtype == "activation":
-                attrs["logical_dtype"] = logical
-            be.create_array(
-                spec.name, plan.shape(spec), storage_dtype(logical), plan.chunks(spec),
-                spec.dims, attrs, plan.compression_for(spec),
-                write_empty_chunks=spec.name != "attention",
-            )
 
     def _expected_row_shapes(self) -> dict[str, tuple[int, ...]]:
         sizes = self.plan.dim_sizes()
@@ -427,12 +407,7 @@ class TraceWriter:
 
     def _finalize(self, status: str) -> None:
         positions, steps = self._committed
-        lengths = {"position": positions, "key": positions, "step": steps}
-        for arr in [*self._arrays.values(), *self._coords.values()]:
-            new = tuple(lengths.get(d, s) if d in GROWING_DIMS else s
-                        for d, s in zip(arr.dims, arr.shape, strict=True))
-            if new != arr.shape:
-                arr.resize(new)
+        trim_to([*self._arrays.values(), *self._coords.values()], positions, steps)
         self._backend.flush()
         self._backend.end_streaming()
         self._meta.update(
@@ -442,6 +417,37 @@ class TraceWriter:
             summary={"value_ranges": {k: v for k, v in sorted(self._ranges.items())}},
         )
         self._backend.write_root_meta(self._meta)
+        self._backend.seal()
+
+
+def create_layout(backend: Backend, plan: TracePlan) -> None:
+    """Create every coordinate and data array of ``plan`` (preallocated, zero filled)."""
+    for dim in plan.used_dims():
+        values = plan.coordinate_values(dim)
+        chunk = (max(1, min(len(values), 1 << 16)),)
+        arr = backend.create_array(dim, values.shape, values.dtype, chunk, (dim,), {}, None,
+                                   coordinate=True)
+        if len(values):
+            arr[(slice(0, len(values)),)] = values
+    for spec in plan.array_specs():
+        logical = plan.logical_dtype(spec)
+        attrs = {"description": spec.description}
+        if spec.dtype == "activation":
+            attrs["logical_dtype"] = logical
+        backend.create_array(
+            spec.name, plan.shape(spec), storage_dtype(logical), plan.chunks(spec), spec.dims,
+            attrs, plan.compression_for(spec), write_empty_chunks=spec.name != "attention",
+        )
+
+
+def trim_to(arrays: Sequence[StoredArray], positions: int, steps: int) -> None:
+    """Resize growing dimensions to the committed lengths (once, at the end)."""
+    lengths = {"position": positions, "key": positions, "step": steps}
+    for arr in arrays:
+        new = tuple(lengths.get(d, s) if d in GROWING_DIMS else s
+                    for d, s in zip(arr.dims, arr.shape, strict=True))
+        if new != arr.shape:
+            arr.resize(new)
 
 
 def attention_top_k(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -94,6 +94,9 @@ class Backend(ABC):
     def end_streaming(self) -> None:
         """Called before the final metadata update (after the last data write)."""
 
+    def seal(self) -> None:
+        """Called after the final metadata is written (e.g. to consolidate zarr metadata)."""
+
     def flush(self) -> None:
         """Make every write so far visible to readers (and durable across a crash)."""
 

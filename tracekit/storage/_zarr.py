@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,12 @@ class ZarrBackend(Backend):
         self.path = self._final_path
         self._final_path = None
         self._group = zarr.open_group(store=zarr.storage.LocalStore(str(self.path)), mode="r+")
+
+    def seal(self) -> None:
+        """Consolidate metadata so xarray/zarr open the finished trace in one read."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # v3 consolidation is not yet in the zarr spec
+            zarr.consolidate_metadata(self._group.store)
 
     def discard(self) -> None:
         """Remove a trace that never got past creation."""
