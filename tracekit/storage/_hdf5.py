@@ -125,6 +125,12 @@ class HDF5Backend(Backend):
     def read_root_meta(self) -> dict[str, Any]:
         try:
             attr_id = self._f.attrs.get_id(ROOT_KEY)
+            atype = attr_id.get_type()
+            if isinstance(atype, h5py.h5t.TypeStringID) and atype.is_variable_str():
+                # A variable-length string's storage size is that of its heap pointer, so its
+                # real size cannot be checked before reading it: only fixed-length is allowed.
+                raise MetadataError(f"{self.path}: metadata is a variable-length string; "
+                                    f"the format stores it as a fixed-length UTF-8 string")
             if attr_id.get_storage_size() > MAX_METADATA_BYTES:
                 raise MetadataError(f"{self.path}: metadata larger than {MAX_METADATA_BYTES} B")
             raw = self._f.attrs[ROOT_KEY]
@@ -145,7 +151,10 @@ class HDF5Backend(Backend):
         return meta
 
     def write_root_meta(self, meta: dict[str, Any]) -> None:
-        self._f.attrs[ROOT_KEY] = json.dumps(meta, sort_keys=True)
+        # Fixed length, so that readers can check its size before reading it.
+        text = json.dumps(meta, sort_keys=True).encode("utf-8")
+        self._f.attrs.create(ROOT_KEY, text,
+                             dtype=h5py.string_dtype("utf-8", max(1, len(text))))
 
     # -- arrays -----------------------------------------------------------------------------
     def create_array(self, name, shape, dtype, chunks, dims, attrs, compression,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingArrayError, NotATraceError
-from . import Backend, StoredArray
+from . import Backend, StoredArray, check_dtype
 
 
 class MemoryArray(StoredArray):
@@ -76,6 +76,8 @@ class MemoryBackend(Backend):
 
     def get_array(self, name: str) -> StoredArray:
         try:
-            return self.arrays[name]
+            arr = self.arrays[name]
         except KeyError as exc:
             raise MissingArrayError(f"array {name!r} is missing") from exc
+        check_dtype(name, arr.dtype)  # same allowlist as the on-disk backends
+        return arr
