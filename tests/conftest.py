@@ -1,0 +1,58 @@
+"""Shared fixtures. The synthetic trace generator itself lives in ``tests/tracegen.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # make ``import tracegen`` work everywhere
+
+import tracegen  # noqa: E402
+
+from tracekit.storage import Backend  # noqa: E402
+from tracekit.storage._memory import MemoryBackend  # noqa: E402
+
+#: Every storage backend; on-disk ones are detected by their bytes when opened.
+BACKENDS = ("memory", "zarr", "hdf5")
+DISK_BACKENDS = ("zarr", "hdf5")
+SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
+
+
+def trace_target(tmp_path: Path, kind: str, name: str = "trace") -> Path | Backend:
+    """Where a new trace of ``kind`` goes: a fresh path, or a fresh memory backend."""
+    if kind == "memory":
+        return MemoryBackend()
+    return tmp_path / f"{name}{SUFFIX[kind]}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=DISK_BACKENDS)
+def disk_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def small_plan():
+    return tracegen.small_plan()
+
+
+@pytest.fixture
+def synthetic_trace(tmp_path: Path, backend_kind: str, small_plan):
+    """(target, expected): a complete synthetic trace on every backend."""
+    target = trace_target(tmp_path, backend_kind)
+    expected = tracegen.write_synthetic(target, small_plan, seed=11)
+    return target, expected
+
+
+@pytest.fixture
+def disk_trace(tmp_path: Path, disk_kind: str, small_plan):
+    """(path, expected): a complete synthetic trace on each on-disk backend."""
+    target = trace_target(tmp_path, disk_kind)
+    expected = tracegen.write_synthetic(target, small_plan, seed=11)
+    return target, expected
