@@ -6,8 +6,9 @@ Design (see the spec, "Writing"):
   trace is laid out under a temporary name and moved into place once complete, so a trace path
   that exists always has its full structure.
 * Steps go through a bounded queue to a background thread, so the model only waits on disk when
-  the queue is full. The thread buffers positions and commits whole chunks: at every multiple of
-  ``plan.chunk_positions`` positions, and at least every ``commit_interval`` seconds.
+  the queue is full. The thread buffers steps and commits them when ``commit_bytes`` are pending
+  at a multiple of ``plan.chunk_positions`` (whole chunks, no read-modify-write), and at least
+  every ``commit_interval`` seconds (so a crash loses at most about that much).
 * Commit protocol: write the data of the new positions (and their summaries), flush, then write
   the ``commit`` counter, flush. Readers trust only the counter, so a writer killed at any
   instant leaves a trace whose committed positions are exact.
@@ -89,8 +90,9 @@ class TraceWriter:
     def __init__(self, backend: Backend, plan: TracePlan, *, run: Mapping[str, Any] | None = None,
                  prompt_length: int = 0, tags: Mapping[str, Any] | None = None,
                  environment: Mapping[str, Any] | None = None, queue_size: int = 32,
-                 commit_interval: float = 1.0) -> None:
+                 commit_interval: float = 1.0, commit_bytes: int = 16 << 20) -> None:
         self.plan = plan
+        self._commit_bytes = commit_bytes
         self._backend = backend
         self._commit_interval = commit_interval
         self._meta: dict[str, Any] = {
@@ -274,6 +276,7 @@ class TraceWriter:
 
     def _run(self) -> None:
         pending: list[_Step] = []
+        pending_bytes = 0
         last_commit = time.monotonic()
         block = self.plan.chunk_positions
         while True:
@@ -291,17 +294,19 @@ class TraceWriter:
             try:
                 if isinstance(item, _Step):
                     pending.append(item)
-                    end = item.start + item.n
-                    boundary = (self._committed[0] // block + 1) * block
+                    pending_bytes += sum(np.asarray(a).nbytes for a in item.arrays.values())
+                    aligned = (item.start + item.n) % block == 0
                     due = time.monotonic() - last_commit >= self._commit_interval
-                    if end >= boundary or due:
+                    # Big, chunk-aligned commits write whole chunks; the timer bounds how much
+                    # a crash can lose when steps are slow.
+                    if (aligned and pending_bytes >= self._commit_bytes) or due:
                         self._commit(pending)
-                        pending = []
+                        pending, pending_bytes = [], 0
                         last_commit = time.monotonic()
                 elif item is None or item is _FLUSH or item is _STOP:
                     if pending:
                         self._commit(pending)
-                        pending = []
+                        pending, pending_bytes = [], 0
                     last_commit = time.monotonic()
                     if item is _FLUSH:
                         self._flushed.set()
@@ -471,7 +476,8 @@ def create(path: str | os.PathLike[str] | Backend, plan: TracePlan, *, format: s
            overwrite: bool = False, **metadata: Any) -> TraceWriter:
     """Create a trace at ``path`` (zarr directory or HDF5 file, from ``format`` or the suffix)
     and return its writer. Keyword arguments (``run``, ``prompt_length``, ``tags``,
-    ``environment``, ``queue_size``, ``commit_interval``) go to :class:`TraceWriter`."""
+    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``) go to
+    :class:`TraceWriter`."""
     if isinstance(path, Backend):
         return TraceWriter(path, plan, **metadata)
     fmt = format or format_from_suffix(path)
