@@ -102,8 +102,8 @@ def main() -> None:
         raw_s = bench_raw_write(raw, rows, args.positions)
         raw_mbs = total / raw_s / 1e6
         r50, r95 = bench_raw_read(raw, args.positions, rows.shape[1:], order)
-        print(f"\n| config | write MB/s | write vs raw | read p50 ms | read p95 ms | "
-              f"p95 vs raw |")
+        print("\n| config | write MB/s | write vs raw | read p50 ms | read p95 ms | "
+              "p95 vs raw |")
         print("|---|---|---|---|---|---|")
         print(f"| raw append / np.memmap | {raw_mbs:.0f} | 1.00x | {r50:.2f} | {r95:.2f} | "
               f"1.00x |")

@@ -174,3 +174,53 @@ def check_dtype(name: str, dtype: np.dtype) -> None:
         ALLOWED_DTYPES
     ):
         raise DisallowedCodecError(f"array {name!r} has disallowed data type {dtype}")
+
+
+def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: int,
+                     row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Read rows ``start:stop`` of an uncompressed array whose chunks hold whole rows, with one
+    ``preadv`` per chunk straight into the result (no decode, no intermediate copy).
+
+    ``locate(chunk_index)`` returns ``(fd, byte_offset, stored_size)`` or None for a chunk never
+    written (read as the fill value 0). A chunk of the wrong size is reported as truncated.
+    """
+    from ..errors import CorruptTraceError
+
+    out = np.empty((max(0, stop - start), *row_shape), dtype=dtype)
+    if stop <= start:
+        return out
+    row_bytes = out[0].nbytes
+    chunk_bytes = rows_per_chunk * row_bytes
+    flat = out.reshape(len(out), -1).view(np.uint8).reshape(len(out), row_bytes)
+    for ci in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+        lo = max(start, ci * rows_per_chunk)
+        hi = min(stop, (ci + 1) * rows_per_chunk)
+        where = locate(ci)
+        target = flat[lo - start: hi - start]
+        if where is None:
+            target[...] = 0
+            continue
+        fd, base, size = where
+        if size != chunk_bytes:
+            raise CorruptTraceError(f"array {name!r}: chunk {ci} has {size} bytes, expected "
+                                    f"{chunk_bytes} (truncated or corrupt)")
+        want = target.nbytes
+        got = os.preadv(fd, [memoryview(target).cast("B")],
+                        base + (lo - ci * rows_per_chunk) * row_bytes)
+        if got != want:
+            raise CorruptTraceError(f"array {name!r}: chunk {ci} is truncated")
+    return out
+
+
+def split_rows_key(key: tuple, shape: tuple[int, ...]) -> tuple[int, int, tuple, bool] | None:
+    """For a normalized key (ints, step-1 slices), the leading rows to read, the key for the
+    remaining axes, and whether the leading axis is dropped; None if not of that form."""
+    if not key:
+        return 0, shape[0], (), False
+    first = key[0]
+    if isinstance(first, (int, np.integer)):
+        return int(first), int(first) + 1, tuple(key[1:]), True
+    if isinstance(first, slice) and first.step in (None, 1):
+        start, stop, _ = first.indices(shape[0])
+        return start, max(start, stop), tuple(key[1:]), False
+    return None

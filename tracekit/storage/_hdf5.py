@@ -26,7 +26,14 @@ from ..errors import (
     TraceExistsError,
 )
 from ..format import ROOT_KEY
-from . import MAX_METADATA_BYTES, Backend, StoredArray, check_dtype
+from . import (
+    MAX_METADATA_BYTES,
+    Backend,
+    StoredArray,
+    check_dtype,
+    read_rows_direct,
+    split_rows_key,
+)
 
 # HDF5 filter ids every HDF5 build has: deflate, shuffle, fletcher32.
 ALLOWED_FILTERS = frozenset({1, 2, 3})
@@ -34,10 +41,19 @@ _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 class HDF5Array(StoredArray):
-    def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...]) -> None:
+    def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
+                 fd: int | None = None) -> None:
         self.name = name
         self._ds = ds
         self.dims = dims
+        self._fd = fd  # set when rows can be read with plain file reads
+
+    def _locate(self, ci: int):
+        offset = (ci * self.chunks[0],) + (0,) * (len(self.dims) - 1)
+        info = self._ds.id.get_chunk_info_by_coord(offset)
+        if info.byte_offset is None:
+            return None
+        return self._fd, info.byte_offset, info.size
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -58,6 +74,15 @@ class HDF5Array(StoredArray):
                              "NAME")}
 
     def __getitem__(self, key: tuple) -> np.ndarray:
+        split = split_rows_key(key, self.shape) if self._fd is not None else None
+        if split is not None:
+            start, stop, rest, drop = split
+            try:
+                rows = read_rows_direct(self.name, self._locate, start, stop, self.chunks[0],
+                                        self.shape[1:], self.dtype)
+            except _H5_ERRORS as exc:
+                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+            return rows[0][rest] if drop else rows[(slice(None), *rest)]
         try:
             return np.asarray(self._ds[key])
         except _H5_ERRORS as exc:
@@ -86,10 +111,13 @@ class HDF5Array(StoredArray):
 class HDF5Backend(Backend):
     format_name = "hdf5"
 
-    def __init__(self, path: Path, f: h5py.File, final_path: Path | None = None) -> None:
+    def __init__(self, path: Path, f: h5py.File, final_path: Path | None = None,
+                 read_only: bool = False) -> None:
         self.path = path
         self._f = f
         self._final_path = final_path
+        # Readers also get a plain descriptor for direct row reads of uncompressed chunks.
+        self._fd = os.open(path, os.O_RDONLY) if read_only else None
 
     @classmethod
     def create(cls, path: Path) -> HDF5Backend:
@@ -119,7 +147,7 @@ class HDF5Backend(Backend):
         if not has_meta:
             f.close()
             raise NotATraceError(f"{path}: HDF5 file without '{ROOT_KEY}' metadata")
-        return cls(path, f)
+        return cls(path, f, read_only=not writable)
 
     # -- metadata ---------------------------------------------------------------------------
     def read_root_meta(self) -> dict[str, Any]:
@@ -203,7 +231,9 @@ class HDF5Backend(Backend):
             dims: tuple[str, ...] = (name,)
         else:
             dims = tuple(d.label for d in ds.dims)
-        return HDF5Array(name, ds, dims)
+        direct = (self._fd is not None and not filters and ds.chunks is not None
+                  and ds.chunks[1:] == ds.shape[1:] and dtype.byteorder in ("<", "=", "|"))
+        return HDF5Array(name, ds, dims, fd=self._fd if direct else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
@@ -232,6 +262,9 @@ class HDF5Backend(Backend):
                 ds.refresh()
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         with contextlib.suppress(_H5_ERRORS):
             self._f.close()
 

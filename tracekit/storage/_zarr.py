@@ -29,7 +29,14 @@ from ..errors import (
     TraceExistsError,
 )
 from ..format import ROOT_KEY
-from . import MAX_METADATA_BYTES, Backend, StoredArray, check_dtype
+from . import (
+    MAX_METADATA_BYTES,
+    Backend,
+    StoredArray,
+    check_dtype,
+    read_rows_direct,
+    split_rows_key,
+)
 
 ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
@@ -65,11 +72,40 @@ def _check_codecs(name: str, codecs: Any) -> None:
             _check_codecs(name, conf.get("index_codecs", []))
 
 
+def _direct_readable(meta: dict[str, Any]) -> bool:
+    """True when chunks are raw little-endian C-order bytes holding whole rows, so rows can be
+    read with plain file reads (the layout tracekit writes for uncompressed arrays)."""
+    codecs = meta.get("codecs")
+    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
+        return False
+    codec = codecs[0]
+    endian = (codec.get("configuration") or {}).get("endian", "little")
+    grid = (meta.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
+    enc = meta.get("chunk_key_encoding") or {}
+    shape = meta.get("shape")
+    return (codec.get("name") == "bytes" and endian == "little" and meta.get("fill_value") == 0
+            and isinstance(grid, list) and isinstance(shape, list) and len(grid) == len(shape)
+            and len(shape) >= 1 and grid[1:] == shape[1:] and grid[0] >= 1
+            and enc.get("name") == "default"
+            and (enc.get("configuration") or {}).get("separator", "/") == "/")
+
+
 class ZarrArray(StoredArray):
-    def __init__(self, name: str, arr: zarr.Array, dims: tuple[str, ...]) -> None:
+    def __init__(self, name: str, arr: zarr.Array, dims: tuple[str, ...],
+                 direct_root: Path | None = None) -> None:
         self.name = name
         self._arr = arr
         self.dims = dims
+        self._direct_root = direct_root  # set when rows can be read with plain file reads
+
+    def _locate(self, ci: int):
+        path = self._direct_root / "/".join(["c", str(ci), *["0"] * (len(self.dims) - 1)])  # type: ignore[operator]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        self._open_fds.append(fd)
+        return fd, 0, os.fstat(fd).st_size
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,6 +124,19 @@ class ZarrArray(StoredArray):
         return dict(self._arr.attrs)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
+        split = split_rows_key(key, self.shape) if self._direct_root is not None else None
+        if split is not None:
+            start, stop, rest, drop = split
+            self._open_fds: list[int] = []
+            try:
+                rows = read_rows_direct(self.name, self._locate, start, stop, self.chunks[0],
+                                        self.shape[1:], self.dtype)
+            except OSError as exc:
+                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+            finally:
+                for fd in self._open_fds:
+                    os.close(fd)
+            return rows[0][rest] if drop else rows[(slice(None), *rest)]
         try:
             return np.asarray(self._arr[key])
         except (ValueError, RuntimeError, OSError, TypeError) as exc:
@@ -197,9 +246,13 @@ class ZarrBackend(Backend):
         try:
             arr = zarr.open_array(store=self._group.store, path=name,
                                   mode="r+" if not self._group.read_only else "r")
+            # Store every written chunk, zeros included, so a missing chunk means data loss
+            # (zarr would otherwise skip all-zero chunks and read them back as fill value).
+            arr = arr.with_config({"write_empty_chunks": True})
         except Exception as exc:
             raise CorruptTraceError(f"array {name!r}: cannot open ({exc})") from exc
-        return ZarrArray(name, arr, tuple(dims))
+        direct = self.path / name if _direct_readable(meta) else None  # type: ignore[operator]
+        return ZarrArray(name, arr, tuple(dims), direct_root=direct)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
