@@ -139,7 +139,7 @@ class ZarrArray(StoredArray):
             return rows[0][rest] if drop else rows[(slice(None), *rest)]
         try:
             return np.asarray(self._arr[key])
-        except (ValueError, RuntimeError, OSError, TypeError) as exc:
+        except Exception as exc:  # codecs fail in many ways (gzip: EOFError, ...)
             raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
