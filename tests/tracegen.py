@@ -120,11 +120,15 @@ _INPUTS = ("residual", "attn_out", "mlp_out", "neurons", "top_ids", "top_logprob
            "lens_ids", "lens_logprobs")
 
 
-def iter_steps(plan: TracePlan, seed: int, n_positions: int
+def iter_steps(plan: TracePlan, seed: int, n_positions: int, sizes: Sequence[int] | None = None
                ) -> Iterator[tuple[list[int], list[bytes], dict[str, np.ndarray], float]]:
-    """The ``write_step`` arguments of a synthetic recording, step by step."""
+    """The ``write_step`` arguments of a synthetic recording, step by step.
+
+    ``sizes`` (positions per step) defaults to :func:`step_sizes`."""
+    sizes = step_sizes(seed, n_positions) if sizes is None else sizes
+    assert sum(sizes) == n_positions and all(n >= 1 for n in sizes)
     start = 0
-    for index, n in enumerate(step_sizes(seed, n_positions)):
+    for index, n in enumerate(sizes):
         rows = [position_rows(plan, seed, p) for p in range(start, start + n)]
         arrays = {name: np.stack([r[name] for r in rows]) for name in _INPUTS
                   if name in rows[0]}
@@ -160,22 +164,23 @@ class Expected:
 
 
 def expected_contents(plan: TracePlan, seed: int, n_positions: int,
-                      n_steps: int | None = None) -> Expected:
+                      sizes: Sequence[int] | None = None) -> Expected:
     """Expected arrays (logical dtypes) for positions ``0..n_positions`` of a synthetic trace.
 
-    ``n_steps`` defaults to the steps that cover ``n_positions``; pass the committed step
-    count when checking a prefix (a commit always ends at a step boundary)."""
-    sizes = step_sizes(seed, plan.max_positions)
+    ``sizes`` are the positions per step (default :func:`step_sizes`). Since every commit ends
+    at a step boundary, ``expected_contents(plan, seed, n)`` is also the exact committed
+    content of a longer recording with the same seed that stopped after ``n`` positions."""
+    sizes = list(step_sizes(seed, n_positions) if sizes is None else sizes)
+    assert sum(sizes) == n_positions, "n_positions must end a step"
+    n_steps = len(sizes)
     starts = np.cumsum([0, *sizes])[:-1]
-    if n_steps is None:
-        n_steps = int(np.sum(np.cumsum(sizes) <= n_positions))
     rows = [position_rows(plan, seed, p) for p in range(n_positions)]
     dt = plan.stored_dtype
     dims = plan.dim_sizes()
     arrays: dict[str, np.ndarray] = {
         "token_id": np.array([r["token_id"] for r in rows], dtype=np.int64),
         "token_nbytes": np.array([len(r["token_text"]) for r in rows], dtype=np.int32),
-        "token_step": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)[:n_positions],
+        "token_step": np.repeat(np.arange(n_steps, dtype=np.int32), sizes),
         "step_start": starts[:n_steps].astype(np.int64),
         "step_positions": np.array(sizes[:n_steps], dtype=np.int32),
         "step_time": STEP_TIME_0 + 0.5 * np.arange(n_steps, dtype=np.float64),
@@ -219,29 +224,33 @@ def _group_of(name: str) -> str:
 
 # -- writing --------------------------------------------------------------------------------
 def write_synthetic(target: str | os.PathLike[str] | Backend, plan: TracePlan, seed: int = 0,
-                    n_positions: int | None = None, *, status: str = "complete",
+                    n_positions: int | None = None, *, sizes: Sequence[int] | None = None,
+                    status: str = "complete",
                     format: str | None = None, **create_kwargs: Any) -> Expected:
     """Record a synthetic trace of ``n_positions`` (default: all planned) into ``target``,
     close it with ``status`` and return its exact expected contents."""
     n = plan.max_positions if n_positions is None else n_positions
-    writer = create_synthetic(target, plan, seed, format=format, **create_kwargs)
-    feed_synthetic(writer, plan, seed, n)
+    sizes = step_sizes(seed, n) if sizes is None else list(sizes)
+    writer = create_synthetic(target, plan, seed, format=format,
+                              prompt_length=sizes[0] if sizes else 0, **create_kwargs)
+    feed_synthetic(writer, plan, seed, n, sizes)
     writer.close(status)
-    return expected_contents(plan, seed, n)
+    return expected_contents(plan, seed, n, sizes)
 
 
 def create_synthetic(target: str | os.PathLike[str] | Backend, plan: TracePlan, seed: int = 0,
                      **create_kwargs: Any) -> tracekit.TraceWriter:
-    """``tracekit.create`` with the metadata every synthetic trace carries."""
-    create_kwargs.setdefault("prompt_length", 3)
+    """``tracekit.create`` with the metadata every synthetic trace carries (the prompt is the
+    first step unless ``prompt_length`` is given)."""
+    create_kwargs.setdefault("prompt_length", step_sizes(seed, plan.max_positions)[0])
     return tracekit.create(target, plan, run={"prompt": "synthetic", "seed": seed},
                            tags={"generator": "tests/tracegen.py"}, **create_kwargs)
 
 
 def feed_synthetic(writer: tracekit.TraceWriter, plan: TracePlan, seed: int,
-                   n_positions: int) -> None:
+                   n_positions: int, sizes: Sequence[int] | None = None) -> None:
     """Write the synthetic steps covering ``n_positions`` positions."""
-    for ids, texts, arrays, t in iter_steps(plan, seed, n_positions):
+    for ids, texts, arrays, t in iter_steps(plan, seed, n_positions, sizes):
         writer.write_step(ids, texts, arrays, step_time=t)
 
 
@@ -281,7 +290,8 @@ def assert_summaries(trace: tracekit.Trace, expected: Expected) -> None:
             np.testing.assert_allclose(trace[f"{group}_norm"][:], norms, rtol=1e-5, atol=1e-6)
     for group in ("residual", "attn_out", "mlp_out", "neurons"):
         if group in a:
-            flat = a[group].astype(np.float32).reshape(expected.n_positions, -1)
+            values = a[group].astype(np.float32)
+            flat = values.reshape(len(values), int(np.prod(values.shape[1:])))
             rng = np.stack([flat.min(axis=1), flat.max(axis=1)], axis=1) if len(flat) else (
                 np.zeros((0, 2), np.float32))
             assert_bit_exact(f"{group}_range", trace[f"{group}_range"][:], rng)
