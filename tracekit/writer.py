@@ -365,8 +365,7 @@ class TraceWriter:
                 self._write(norm_name, rows, norms)
                 self._track(norm_name, norms)
             if name in _RANGES:
-                values = _as_float32(data).reshape(n, -1)
-                rng = np.stack([values.min(axis=1), values.max(axis=1)], axis=1)
+                rng = row_min_max(data, logical)
                 self._write(_RANGES[name], rows, rng)
                 self._track(name, rng)
 
@@ -453,6 +452,24 @@ def trim_to(arrays: Sequence[StoredArray], positions: int, steps: int) -> None:
                     for d, s in zip(arr.dims, arr.shape, strict=True))
         if new != arr.shape:
             arr.resize(new)
+
+
+def row_min_max(stored: np.ndarray, logical: str) -> np.ndarray:
+    """[n, 2] min and max of each row of stored activations.
+
+    16-bit floats are compared as integers: flipping the magnitude bits of negative numbers
+    makes the int16 order equal the float order, and numpy's integer min/max are vectorised
+    while its float16 ones are not (about 3x faster than converting to float32 first)."""
+    n = stored.shape[0]
+    if logical in ("float16", "bfloat16"):
+        bits = stored.view(np.int16).reshape(n, -1)
+        keys = bits ^ ((bits >> 15) & np.int16(0x7FFF))
+        ext = np.stack([keys.min(axis=1), keys.max(axis=1)], axis=1)
+        ext ^= (ext >> 15) & np.int16(0x7FFF)
+        ftype = np.float16 if logical == "float16" else ml_dtypes.bfloat16
+        return ext.view(ftype).astype(np.float32)
+    values = stored.reshape(n, -1)
+    return np.stack([values.min(axis=1), values.max(axis=1)], axis=1).astype(np.float32)
 
 
 def attention_top_k(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

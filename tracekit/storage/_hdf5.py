@@ -33,6 +33,7 @@ from . import (
     check_dtype,
     read_rows_direct,
     split_rows_key,
+    whole_chunk_rows,
 )
 
 # HDF5 filter ids every HDF5 build has: deflate, shuffle, fletcher32.
@@ -47,6 +48,7 @@ class HDF5Array(StoredArray):
         self._ds = ds
         self.dims = dims
         self._fd = fd  # set when rows can be read with plain file reads
+        self._raw_chunks = False  # set when whole chunks can be written as raw bytes
 
     def _locate(self, ci: int):
         offset = (ci * self.chunks[0],) + (0,) * (len(self.dims) - 1)
@@ -89,7 +91,17 @@ class HDF5Array(StoredArray):
             raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
-        self._ds[key] = value
+        rows = whole_chunk_rows(key, value, self.shape, self.chunks) if self._raw_chunks else None
+        if rows is None:
+            self._ds[key] = value
+            return
+        # Whole unfiltered chunks skip HDF5's type-conversion and selection machinery.
+        data = np.ascontiguousarray(value, dtype=self.dtype)
+        c = self.chunks[0]
+        tail = (0,) * (len(self.dims) - 1)
+        for ci in range(rows[0] // c, rows[1] // c):
+            part = data[ci * c - rows[0]: (ci + 1) * c - rows[0]]
+            self._ds.id.write_direct_chunk((ci * c, *tail), part.tobytes())
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._ds.resize(shape)
@@ -231,9 +243,11 @@ class HDF5Backend(Backend):
             dims: tuple[str, ...] = (name,)
         else:
             dims = tuple(d.label for d in ds.dims)
-        direct = (self._fd is not None and not filters and ds.chunks is not None
-                  and ds.chunks[1:] == ds.shape[1:] and dtype.byteorder in ("<", "=", "|"))
-        return HDF5Array(name, ds, dims, fd=self._fd if direct else None)
+        raw = (not filters and ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]
+               and dtype.byteorder in ("<", "=", "|"))
+        arr = HDF5Array(name, ds, dims, fd=self._fd if raw else None)
+        arr._raw_chunks = raw and self._fd is None  # writers only
+        return arr
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:

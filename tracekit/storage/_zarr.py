@@ -34,6 +34,7 @@ from . import (
     Backend,
     StoredArray,
     check_dtype,
+    full_rows,
     read_rows_direct,
     split_rows_key,
 )
@@ -97,6 +98,7 @@ class ZarrArray(StoredArray):
         self._arr = arr
         self.dims = dims
         self._direct_root = direct_root  # set when rows can be read with plain file reads
+        self._made_dirs: set[Path] = set()
 
     def _locate(self, ci: int):
         path = self._direct_root / "/".join(["c", str(ci), *["0"] * (len(self.dims) - 1)])  # type: ignore[operator]
@@ -143,7 +145,49 @@ class ZarrArray(StoredArray):
             raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
-        self._arr[key] = value
+        rows = (full_rows(key, value, self.shape)
+                if self._direct_root is not None else None)
+        if rows is None:
+            self._arr[key] = value
+            return
+        # Uncompressed whole-row chunks: write the bytes codec's output (raw little-endian
+        # C-order) ourselves, atomically (temporary file, then rename) as zarr's LocalStore
+        # does; partial chunks are read, patched and rewritten the same way.
+        data = np.ascontiguousarray(value, dtype=self.dtype.newbyteorder("<"))
+        start, stop = rows
+        c = self.chunks[0]
+        for ci in range(start // c, (stop - 1) // c + 1):
+            lo, hi = max(start, ci * c), min(stop, (ci + 1) * c)
+            if hi - lo == c:
+                chunk = data[lo - start: hi - start]
+            else:
+                chunk = self._read_chunk(ci)
+                chunk[lo - ci * c: hi - ci * c] = data[lo - start: hi - start]
+            self._write_chunk(ci, chunk)
+
+    def _chunk_path(self, ci: int) -> Path:
+        return self._direct_root / "/".join(  # type: ignore[operator]
+            ["c", str(ci), *["0"] * (len(self.dims) - 1)])
+
+    def _read_chunk(self, ci: int) -> np.ndarray:
+        shape = (self.chunks[0], *self.shape[1:])
+        path = self._chunk_path(ci)
+        if not path.exists():
+            return np.zeros(shape, dtype=self.dtype)
+        raw = np.fromfile(path, dtype=self.dtype.newbyteorder("<"))
+        if raw.size != np.prod(shape):
+            raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has the wrong size")
+        return raw.reshape(shape)
+
+    def _write_chunk(self, ci: int, chunk: np.ndarray) -> None:
+        path = self._chunk_path(ci)
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        with open(tmp, "wb") as fh:
+            fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        os.replace(tmp, path)
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._arr.resize(shape)
