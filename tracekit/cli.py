@@ -103,7 +103,7 @@ def _info_json(trace, path: Path) -> dict[str, Any]:
 @click.argument("trace", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON, for scripts.")
 def info(trace: Path, as_json: bool) -> None:
-    """Summarise a trace: model, run, what was captured, arrays and sizes."""
+    """Summarise a trace: model, run, captured arrays and sizes."""
     from .reader import open_or_error
 
     with open_or_error(trace) as t:
@@ -144,7 +144,7 @@ def info(trace: Path, as_json: bool) -> None:
 @click.argument("trace", type=click.Path(exists=True, path_type=Path))
 @click.option("--quick", is_flag=True, help="Check structure only; do not decode every chunk.")
 def validate(trace: Path, quick: bool) -> None:
-    """Check a trace against the spec; exit 1 with one line per problem."""
+    """Check a trace against the spec; one line per problem."""
     from .validate import validate as run_validate
 
     with progress_bar("validating") as update:
