@@ -171,3 +171,8 @@ def convert(src: Path, dst: Path, fmt: str | None, force: bool) -> None:
     click.echo(f"wrote {out} ({human_bytes(disk_usage(out))})")
 
 
+
+from .record_cli import record, replay  # noqa: E402 - torch-free; imports the recorder lazily
+
+main.add_command(record)
+main.add_command(replay)
