@@ -176,3 +176,8 @@ from .record_cli import record, replay  # noqa: E402 - torch-free; imports the r
 
 main.add_command(record)
 main.add_command(replay)
+
+from .view_cli import render, view  # noqa: E402 - imports tracekit_viewer (VTK) lazily
+
+main.add_command(view)
+main.add_command(render)

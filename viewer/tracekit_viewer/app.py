@@ -1,0 +1,1261 @@
+"""The interactive viewer: a thin PyVista/VTK layer over :mod:`frame` and :mod:`scene`.
+
+All actors are created once. A frame update recomputes the frame data, turns it into arrays
+with the pure scene functions and copies those into the existing VTK arrays (points, colours,
+cells); only a change of the level-of-detail layout (a new focused floor) changes how many
+boxes there are. The four views live in one window, as in the seed's 2x2 sketch:
+
+    +---------------------+--------------+
+    | 3D city             | layer view   |
+    +---------------------+--------------+
+    | attention pattern   | token states |
+    +---------------------+--------------+
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _vtkenv
+from .frame import (
+    AttentionPanel,
+    CityFrame,
+    Frame,
+    LayerPanel,
+    TokenPanel,
+    capacity_of,
+    compute_frame,
+)
+from .scene import (
+    CURRENT_RGB,
+    TRACED_RGB,
+    WIDTH_BINS,
+    CityLayout,
+    arc_lines,
+    arc_points,
+    arc_style,
+    box_faces,
+    box_geometry,
+    camera_preset,
+    colour_values,
+    floor_boxes,
+    floor_z,
+    label_slots,
+    link_alpha,
+    link_segments,
+)
+from .source import DEFAULT_CACHE_BYTES, METRIC_TITLES, TraceSource
+from .state import (
+    KEYMAP,
+    METRIC_ORDER,
+    VIEWS,
+    ViewState,
+    cycle,
+    cycle_heads,
+    head_label,
+    help_text,
+    next_speed,
+)
+
+__all__ = ["CityViewer", "PickInfo", "open_viewer"]
+
+BACKGROUND = (0.06, 0.07, 0.09)
+PANEL_BACKGROUND = (0.10, 0.11, 0.13)
+TEXT_RGB = (0.92, 0.92, 0.92)
+ARC_WIDTHS = (1.0, 2.0, 3.5, 5.5)
+PREFETCH_STEPS = 4
+HOVER_INTERVAL = 0.08  # seconds between hover picks
+CITY_CMAP, ARC_CMAP, SIGNED_CMAP, ATTN_CMAP = "viridis", "plasma", "RdBu_r", "magma"
+
+
+def _lut(name: str, n: int = 256) -> np.ndarray:
+    import matplotlib
+
+    return np.asarray(matplotlib.colormaps[name](np.linspace(0, 1, n))[:, :3], np.float64)
+
+
+def _short(text: str, width: int = 10) -> str:
+    """A token's text as a short, single-line label."""
+    t = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return t if len(t) <= width else t[: width - 1] + "~"
+
+
+@dataclass
+class PickInfo:
+    """What is under a display position: a column (position, floor), an arc (query, key)
+    or a cell of a panel, with the exact value there."""
+
+    kind: str  # "column", "arc", "layer", "attention", "token" or "none"
+    position: int | None = None
+    floor: int | None = None
+    key: int | None = None
+    value: float | None = None
+    text: str = ""
+
+
+class _Labels:
+    """Text labels at world positions of one renderer, updated in place."""
+
+    def __init__(self, renderer: Any, size: int = 11, rgb: Sequence[float] = TEXT_RGB,
+                 justify: str = "center", bold: bool = False, orientation: float = 0.0,
+                 vertical: str = "center") -> None:
+        import vtk
+
+        self.poly = vtk.vtkPolyData()
+        self.points = vtk.vtkPoints()
+        self.strings = vtk.vtkStringArray()
+        self.strings.SetName("labels")
+        self.poly.SetPoints(self.points)
+        self.poly.GetPointData().AddArray(self.strings)
+        mapper = vtk.vtkLabeledDataMapper()
+        mapper.SetInputData(self.poly)
+        mapper.SetLabelModeToLabelFieldData()
+        mapper.SetFieldDataName("labels")
+        prop = mapper.GetLabelTextProperty()
+        prop.SetFontSize(size)
+        prop.SetColor(*rgb)
+        prop.SetBold(bold)
+        prop.SetItalic(False)
+        prop.SetShadow(False)
+        prop.SetOrientation(orientation)
+        _justify(prop, justify, vertical)
+        self.actor = vtk.vtkActor2D()
+        self.actor.SetMapper(mapper)
+        self.actor.SetPickable(False)
+        renderer.AddViewProp(self.actor)
+
+    def set(self, xyz: np.ndarray, texts: Sequence[str]) -> None:
+        from vtk.util.numpy_support import numpy_to_vtk
+
+        xyz = np.ascontiguousarray(np.asarray(xyz, np.float64).reshape(-1, 3))
+        self.points.SetData(numpy_to_vtk(xyz, deep=True))
+        self.strings.SetNumberOfValues(len(texts))
+        for i, t in enumerate(texts):
+            self.strings.SetValue(i, t)
+        self.strings.Modified()
+        self.points.Modified()
+        self.poly.Modified()
+
+    def visible(self, on: bool) -> None:
+        self.actor.SetVisibility(bool(on))
+
+
+class CityViewer:
+    """The neural-city viewer of one trace. ``off_screen=True`` renders without a window."""
+
+    def __init__(self, trace: Any, *, state: ViewState | None = None,
+                 layout: CityLayout | None = None, panels: bool = True,
+                 off_screen: bool = False, window_size: tuple[int, int] = (1600, 1000),
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: bool = True,
+                 widgets: bool = True) -> None:
+        _vtkenv.prepare(off_screen)
+        import pyvista as pv
+        import vtk
+
+        self._pv = pv
+        # Token text is literal: never let VTK parse '$' or '|' in it as MathText (slow, and
+        # it would mangle the text).
+        vtk.vtkTextRenderer.GetInstance().SetDefaultBackend(vtk.vtkTextRenderer.FreeType)
+        self.source = TraceSource(trace, cache_bytes=cache_bytes, prefetch=prefetch)
+        if self.source.n_steps == 0:
+            self.source.close()
+            raise ValueError("the trace has no committed steps to show")
+        self.layout = layout or CityLayout()
+        self.panels = panels
+        self.off_screen = off_screen
+        self.state = self._normalized(state or ViewState(step=self.source.n_steps - 1))
+        self.frame: Frame | None = None
+        self.last_pick = PickInfo("none")
+        self._city_lut = _lut(CITY_CMAP)
+        self._arc_lut = _lut(ARC_CMAP)
+        self._groups: np.ndarray | None = None
+        self._boxes: tuple[np.ndarray, ...] = ()
+        self._arc_index: list[np.ndarray] = [np.zeros(0, np.int64)] * WIDTH_BINS
+        self._camera_key: tuple | None = None
+        self._hover_at = 0.0
+        self._last_tick = time.monotonic()
+        self._timer_id: int | None = None
+        self._slider_guard = False
+        self._mouse: tuple[int, int] = (0, 0)
+        self._panel_keys: dict[str, tuple] = {}
+
+        shape = (2, 2) if panels else (1, 1)
+        kw: dict[str, Any] = {"row_weights": [3, 2], "col_weights": [3, 2]} if panels else {}
+        theme = pv.themes.DarkTheme()
+        theme.multi_samples = 0  # MSAA multiplies the cost of every frame on software GL
+        theme.allow_empty_mesh = True
+        self.plotter = pv.Plotter(shape=shape, off_screen=off_screen, window_size=window_size,
+                                  border=False, theme=theme, **kw)
+        self.plotter.subplot(0, 0)
+        self.city_renderer = self.plotter.renderer
+        self.city_renderer.set_background(BACKGROUND)
+        self._build_city()
+        if panels:
+            self._build_panels()
+        self._build_hud()
+        self.widgets = widgets
+        if widgets:
+            self._build_widgets()
+        self._bind_events()
+        self.update()
+
+    # -- state ------------------------------------------------------------------------------
+    def _normalized(self, st: ViewState) -> ViewState:
+        src = self.source
+        st = st.copy(step=min(max(0, int(st.step)), src.n_steps - 1))
+        if st.metric not in src.metrics and src.metrics:
+            st.metric = src.metrics[0]
+        if isinstance(st.heads, int) and not 0 <= st.heads < src.n_heads:
+            raise ValueError(f"head {st.heads} out of range (0..{src.n_heads - 1})")
+        if st.focus is not None and not 0 <= st.focus < src.n_floors:
+            raise ValueError(f"floor {st.focus} out of range (0..{src.n_floors - 1})")
+        if st.traced is not None and not 0 <= st.traced < src.n_positions:
+            raise ValueError(f"token {st.traced} out of range (0..{src.n_positions - 1})")
+        if st.view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, not {st.view!r}")
+        st.top_k = max(0, min(int(st.top_k), 64))
+        st.threshold = float(min(max(st.threshold, 0.0), 1.0))
+        return st
+
+    def set_state(self, **changes: Any) -> ViewState:
+        """Change the state (any :class:`ViewState` field) and redraw every view."""
+        self.state = self._normalized(self.state.copy(**changes))
+        self.update()
+        return self.state
+
+    def set_step(self, step: int) -> None:
+        self.set_state(step=int(step))
+
+    # -- building ---------------------------------------------------------------------------
+    def _add_rgba_mesh(self, renderer_mesh: Any, **kw: Any) -> Any:
+        actor = self.plotter.add_mesh(renderer_mesh, scalars="rgba", rgba=True,
+                                      show_scalar_bar=False, reset_camera=False, **kw)
+        return actor
+
+    def _build_city(self) -> None:
+        pv = self._pv
+        self.columns = pv.PolyData(np.zeros((8, 3)), faces=box_faces(1))
+        self.columns.cell_data["rgba"] = np.zeros((6, 4), np.uint8)
+        self.columns_actor = self._add_rgba_mesh(self.columns, name="columns", lighting=True)
+        self.columns_actor.prop.ambient = 0.35
+        self.arcs = []
+        self.arc_actors = []
+        for b in range(WIDTH_BINS):
+            mesh = self._empty_lines()
+            actor = self._add_rgba_mesh(mesh, name=f"arcs{b}", line_width=ARC_WIDTHS[b],
+                                        lighting=False)
+            self.arcs.append(mesh)
+            self.arc_actors.append(actor)
+        self.links = self._empty_lines()
+        self.links_actor = self._add_rgba_mesh(self.links, name="links", line_width=1.0,
+                                               lighting=False)
+        self.links_actor.SetPickable(False)
+        self.plates = pv.PolyData(np.zeros((4, 3)), faces=np.array([4, 0, 1, 2, 3]))
+        self.plates.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
+        self.plates_actor = self._add_rgba_mesh(self.plates, name="plates", lighting=False)
+        self.plates_actor.SetPickable(False)
+        self.tracer = pv.PolyData(np.zeros((8, 3)), lines=_box_edges())
+        self.tracer_actor = self.plotter.add_mesh(self.tracer, color=TRACED_RGB, line_width=2.5,
+                                                  name="tracer", lighting=False,
+                                                  reset_camera=False)
+        self.tracer_actor.SetPickable(False)
+        self.marker = pv.PolyData(np.zeros((5, 3)), faces=_pyramid_faces(1))
+        self.marker_actor = self.plotter.add_mesh(self.marker, color=CURRENT_RGB, name="marker",
+                                                  lighting=False, reset_camera=False)
+        self.marker_actor.SetPickable(False)
+        self.token_labels = _Labels(self.city_renderer, size=11, justify="right",
+                                    orientation=40.0)
+        self.floor_labels = _Labels(self.city_renderer, size=13, justify="right", bold=True)
+        self.scalar_bar = self._make_scalar_bar(self.city_renderer, self._city_lut)
+
+    def _empty_lines(self) -> Any:
+        mesh = self._pv.PolyData(np.zeros((2, 3)), lines=np.array([2, 0, 1]))
+        mesh.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
+        return mesh
+
+    def _make_scalar_bar(self, renderer: Any, lut_rgb: np.ndarray, title: str = "",
+                         position: tuple[float, float] = (0.90, 0.22)) -> Any:
+        import vtk
+
+        lut = vtk.vtkLookupTable()
+        lut.SetNumberOfTableValues(len(lut_rgb))
+        for i, (r, g, b) in enumerate(lut_rgb):
+            lut.SetTableValue(i, r, g, b, 1.0)
+        lut.Build()
+        bar = vtk.vtkScalarBarActor()
+        bar.SetLookupTable(lut)
+        bar.SetTitle(title)
+        bar.SetNumberOfLabels(5)
+        bar.SetLabelFormat("%.3g")
+        bar.SetPosition(*position)
+        bar.SetWidth(0.08)
+        bar.SetHeight(0.55)
+        bar.SetUnconstrainedFontSize(True)
+        for prop in (bar.GetTitleTextProperty(), bar.GetLabelTextProperty()):
+            prop.SetColor(*TEXT_RGB)
+            prop.SetFontSize(12)
+            prop.SetShadow(False)
+            prop.SetItalic(False)
+        bar.SetPickable(False)
+        renderer.AddViewProp(bar)
+        return bar
+
+    def _text(self, renderer: Any, xy: tuple[float, float], size: int = 13,
+              align: str = "left", valign: str = "top", mono: bool = False) -> Any:
+        import vtk
+
+        actor = vtk.vtkTextActor()
+        actor.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+        actor.SetPosition(*xy)
+        prop = actor.GetTextProperty()
+        prop.SetFontSize(size)
+        prop.SetColor(*TEXT_RGB)
+        if mono:
+            prop.SetFontFamilyToCourier()
+        _justify(prop, align, valign)
+        actor.SetPickable(False)
+        renderer.AddViewProp(actor)
+        return actor
+
+    def _build_panels(self) -> None:
+        pv = self._pv
+        self.panel_renderers: dict[str, Any] = {}
+        self.images: dict[str, Any] = {}
+        self.image_actors: dict[str, Any] = {}
+        self.outlines: dict[str, Any] = {}
+        self.panel_titles: dict[str, Any] = {}
+        self.panel_labels: dict[str, tuple[_Labels, _Labels]] = {}
+        specs = (("layer", (0, 1), SIGNED_CMAP), ("attention", (1, 0), ATTN_CMAP),
+                 ("token", (1, 1), SIGNED_CMAP))
+        for name, (r, c), cmap in specs:
+            self.plotter.subplot(r, c)
+            ren = self.plotter.renderer
+            ren.set_background(PANEL_BACKGROUND)
+            self.panel_renderers[name] = ren
+            image = pv.ImageData(dimensions=(2, 2, 1))
+            image.cell_data["value"] = np.zeros(1, np.float32)
+            actor = self.plotter.add_mesh(image, scalars="value", cmap=cmap, clim=(-1, 1),
+                                          show_scalar_bar=False, lighting=False,
+                                          nan_color=(0.25, 0.25, 0.28), reset_camera=False,
+                                          name=f"{name}-image")
+            self.images[name] = image
+            self.image_actors[name] = actor
+            outline = self._empty_lines()
+            oa = self._add_rgba_mesh(outline, name=f"{name}-outline", line_width=2.0,
+                                     lighting=False)
+            oa.SetPickable(False)
+            self.outlines[name] = outline
+            self.panel_titles[name] = self._text(ren, (0.02, 0.98), size=13)
+            rows = _Labels(ren, size=10, justify="right")
+            cols = _Labels(ren, size=10, justify="right", orientation=60.0)
+            self.panel_labels[name] = (rows, cols)
+            ren.camera.parallel_projection = True
+        self.plotter.subplot(1, 1)
+        self.bars = pv.PolyData(np.zeros((4, 3)), faces=np.array([4, 0, 1, 2, 3]))
+        self.bars.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
+        self.bars_actor = self._add_rgba_mesh(self.bars, name="bars", lighting=False)
+        self.bars_actor.SetPickable(False)
+        self.token_notes = _Labels(self.panel_renderers["token"], size=9, justify="left")
+        self.panel_bars = {
+            "layer": self._make_scalar_bar(self.panel_renderers["layer"], _lut(SIGNED_CMAP),
+                                           position=(0.92, 0.2)),
+            "attention": self._make_scalar_bar(self.panel_renderers["attention"],
+                                               _lut(ATTN_CMAP), position=(0.92, 0.2)),
+        }
+        for bar in self.panel_bars.values():
+            bar.SetWidth(0.06)
+        self.plotter.subplot(0, 0)
+
+    def _build_hud(self) -> None:
+        ren = self.city_renderer
+        self.status = self._text(ren, (0.01, 0.99), size=13)
+        self.hover_text = self._text(ren, (0.01, 0.11), size=12, valign="bottom")
+        self.help_overlay = self._text(ren, (0.5, 0.55), size=13, align="center",
+                                       valign="center", mono=True)
+        prop = self.help_overlay.GetTextProperty()
+        prop.SetBackgroundColor(0.0, 0.0, 0.0)
+        prop.SetBackgroundOpacity(0.85)
+        prop.SetFrame(True)
+        self.help_overlay.SetInput(help_text())
+        self.help_overlay.SetVisibility(False)
+
+    def _build_widgets(self) -> None:
+        self.plotter.subplot(0, 0)
+        n = self.source.n_steps
+        # slider end points are relative to the city's viewport
+        self.step_slider = self.plotter.add_slider_widget(
+            self._on_step_slider, [0, max(1, n - 1)], value=self.state.step, title="step",
+            pointa=(0.10, 0.06), pointb=(0.70, 0.06), style="modern", fmt="%.0f",
+            interaction_event="always", title_height=0.025, slider_width=0.025,
+            tube_width=0.006)
+        self.threshold_slider = self.plotter.add_slider_widget(
+            self._on_threshold_slider, [0.0, 1.0], value=self.state.threshold,
+            title="arc threshold", pointa=(0.76, 0.06), pointb=(0.96, 0.06), style="modern",
+            fmt="%.2f", interaction_event="always", title_height=0.025, slider_width=0.025,
+            tube_width=0.006)
+        x0, y0, _, _ = self.city_renderer.GetViewport()
+        w, h = self.plotter.window_size
+        self.play_button = self.plotter.add_checkbox_button_widget(
+            self._on_play_button, value=self.state.playing,
+            position=(x0 * w + 12, y0 * h + 12), size=28, color_on="orange", color_off="grey")
+
+    def _bind_events(self) -> None:
+        iren = self.plotter.iren
+        iren.clear_key_event_callbacks()
+        # VTK's own one-letter shortcuts (w: wireframe, 3: stereo, ...) would fight ours.
+        iren.interactor.RemoveObservers("CharEvent")
+        for sym, _, action in KEYMAP:
+            iren.add_key_event(sym, getattr(self, f"action_{action}"))
+        iren.add_observer("MouseMoveEvent", self._on_mouse_move)
+        iren.add_observer("LeftButtonPressEvent", self._on_left_press)
+        iren.add_observer("TimerEvent", self._on_timer)
+
+    # -- updating ---------------------------------------------------------------------------
+    def update(self, render: bool = True) -> Frame:
+        """Recompute the frame for the current state and copy it into the actors."""
+        fr = compute_frame(self.source, self.state, self.layout, panels=self.panels)
+        self.frame = fr
+        self._update_city(fr.city)
+        if self.panels:
+            self._update_layer(fr.layer)
+            self._update_attention(fr.attention)
+            self._update_token(fr.token)
+        self._update_hud(fr)
+        self._apply_camera()
+        if self.widgets:
+            self._sync_widgets()
+        if self.state.playing:
+            self._prefetch()
+        if render:
+            self.plotter.render()
+        return fr
+
+    def _update_city(self, fr: CityFrame) -> None:
+        st, lay = self.state, self.layout
+        lo, hi = fr.value_range
+        n_floors = fr.values.shape[0]
+        pts, vals, floors = box_geometry(fr.values, fr.groups, fr.capacity, fr.n_cols, lo, hi,
+                                         lay)
+        _, first, span, _ = floor_boxes(fr.values, fr.groups, fr.capacity)
+        alpha = np.ones(len(vals)) if fr.focus is None else np.where(
+            floors == fr.focus, 1.0, lay.fade_alpha)
+        rgba = colour_values(vals, lo, hi, self._city_lut, alpha)
+        n_boxes = len(vals)
+        if self._groups is None or not np.array_equal(self._groups, fr.groups):
+            _replace(self.columns, pts, faces=box_faces(n_boxes),
+                     rgba=np.repeat(rgba, 6, axis=0))
+            self._groups = fr.groups.copy()
+        else:
+            _write(self.columns, pts, np.repeat(rgba, 6, axis=0))
+        self._boxes = (floors, first, span)
+        self.columns_actor.SetVisibility(st.show_columns)
+
+        # column heights per slot, for the residual links
+        heights = (pts.reshape(-1, 8, 3)[:, 4, 2] - pts.reshape(-1, 8, 3)[:, 0, 2])
+        col_h = np.zeros((n_floors, fr.capacity))
+        for f in range(n_floors):
+            m = floors == f
+            col_h[f] = np.repeat(heights[m], fr.groups[f])[: fr.capacity]
+        self._update_arcs(fr, n_floors)
+        self._update_links(fr, col_h)
+        self._update_plates(fr, n_floors)
+        self._update_markers(fr, n_floors, col_h)
+        self._update_city_labels(fr, n_floors)
+        self.scalar_bar.GetLookupTable().SetRange(lo, hi if hi > lo else lo + 1)
+        self.scalar_bar.SetTitle(METRIC_TITLES.get(fr.metric, fr.metric))
+
+    def _update_arcs(self, fr: CityFrame, n_floors: int) -> None:
+        lay = self.layout
+        arcs = fr.arcs
+        z = floor_z(n_floors, lay)
+        xq = (arcs.query - fr.start) * lay.spacing
+        xk = (arcs.key - fr.start) * lay.spacing
+        pts = arc_points(xk, xq, z[arcs.floor], lay)
+        bins, rgba = arc_style(arcs.weight, arcs.kind, self.state.threshold, self._arc_lut)
+        if fr.focus is not None:
+            fade = (arcs.floor != fr.focus) & (arcs.kind == 0)
+            rgba[fade, 3] = (rgba[fade, 3] * lay.fade_alpha).astype(np.uint8)
+        seg = lay.arc_segments
+        for b in range(WIDTH_BINS):
+            idx = np.flatnonzero(bins == b)
+            self._arc_index[b] = idx
+            mesh = self.arcs[b]
+            if len(idx):
+                _replace(mesh, pts[idx].reshape(-1, 3), lines=arc_lines(len(idx), seg),
+                         rgba=rgba[idx])
+            else:
+                _replace(mesh, np.zeros((2, 3)), lines=np.array([2, 0, 1]),
+                         rgba=np.zeros((1, 4), np.uint8))
+            self.arc_actors[b].SetVisibility(self.state.show_arcs)
+
+    def _update_links(self, fr: CityFrame, col_h: np.ndarray) -> None:
+        lay = self.layout
+        n_floors, cap = col_h.shape
+        pts = link_segments(col_h, fr.n_cols, lay)
+        if len(pts) == 0:
+            _replace(self.links, np.zeros((2, 3)), lines=np.array([2, 0, 1]),
+                     rgba=np.zeros((1, 4), np.uint8))
+            return
+        n_seg = len(pts) // 2
+        contrib = np.full((n_floors, cap), np.nan)
+        if fr.contribution is not None:
+            contrib[:, : fr.n_cols] = fr.contribution
+        # the link above floor f carries the stream into floor f + 1: that block's change
+        alpha = link_alpha(contrib[1:]).reshape(-1)
+        rgba = np.zeros((n_seg, 4), np.uint8)
+        rgba[:, :3] = 170
+        rgba[:, 3] = (alpha * 255).astype(np.uint8)
+        slot = np.tile(np.arange(cap), n_floors - 1)
+        for pos, rgb in ((fr.traced, TRACED_RGB),):
+            if pos is not None and fr.start <= pos < fr.end:
+                m = slot == pos - fr.start
+                rgba[m, :3] = rgb
+                rgba[m, 3] = 255
+        cur = (slot >= fr.current.start - fr.start) & (slot < fr.current.stop - fr.start)
+        rgba[cur, :3] = CURRENT_RGB
+        rgba[cur, 3] = np.maximum(rgba[cur, 3], 200)
+        if fr.focus is not None:
+            rgba[:, 3] = (rgba[:, 3] * 0.5).astype(np.uint8)
+        lines = np.column_stack([np.full(n_seg, 2), 2 * np.arange(n_seg),
+                                 2 * np.arange(n_seg) + 1]).reshape(-1)
+        if self.links.n_points == len(pts):
+            _write(self.links, pts, rgba)
+        else:
+            _replace(self.links, pts, lines=lines, rgba=rgba)
+        self.links_actor.SetVisibility(self.state.show_links)
+
+    def _update_plates(self, fr: CityFrame, n_floors: int) -> None:
+        lay = self.layout
+        z = floor_z(n_floors, lay) - 0.02
+        x0, x1 = -0.6 * lay.spacing, (fr.capacity - 1 + 0.6) * lay.spacing
+        y0, y1 = -lay.box_depth, lay.box_depth
+        pts = np.zeros((n_floors, 4, 3))
+        pts[:, :, 0] = [x0, x1, x1, x0]
+        pts[:, :, 1] = [y0, y0, y1, y1]
+        pts[:, :, 2] = z[:, None]
+        faces = np.column_stack([np.full(n_floors, 4), 4 * np.arange(n_floors)[:, None]
+                                 + np.arange(4)[None, :]]).reshape(-1)
+        rgba = np.tile(np.array([[60, 66, 80, 70]], np.uint8), (n_floors, 1))
+        if fr.focus is not None:
+            rgba[fr.focus] = (70, 110, 190, 120)
+        if self.plates.n_points == len(pts) * 4:
+            _write(self.plates, pts.reshape(-1, 3), rgba)
+        else:
+            _replace(self.plates, pts.reshape(-1, 3), faces=faces, rgba=rgba)
+
+    def _update_markers(self, fr: CityFrame, n_floors: int, col_h: np.ndarray) -> None:
+        lay = self.layout
+        top = floor_z(n_floors, lay)[-1] + lay.max_height + 0.5
+        cur = [p - fr.start for p in fr.current if fr.start <= p < fr.end]
+        apex = np.array([[s * lay.spacing, 0.0, top] for s in cur]).reshape(-1, 3)
+        w = lay.box_width / 2
+        pts = []
+        for ax, _ay, az in apex:
+            pts += [[ax - w, -w, az + 0.6], [ax + w, -w, az + 0.6], [ax + w, w, az + 0.6],
+                    [ax - w, w, az + 0.6], [ax, 0.0, az]]
+        if pts:
+            _replace(self.marker, np.array(pts, np.float64), faces=_pyramid_faces(len(cur)))
+        self.marker_actor.SetVisibility(bool(pts))
+        if fr.traced is not None:
+            s = fr.traced - fr.start
+            x = s * lay.spacing
+            hw = lay.box_width / 2 + 0.12
+            z1 = floor_z(n_floors, lay)[-1] + float(col_h[-1, s]) + 0.15
+            corners = np.array([[x + sx * hw, sy * (lay.box_depth / 2 + 0.12), z]
+                                for z in (-0.15, z1)
+                                for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))])
+            _replace(self.tracer, corners, lines=_box_edges())
+        self.tracer_actor.SetVisibility(fr.traced is not None)
+
+    def _update_city_labels(self, fr: CityFrame, n_floors: int) -> None:
+        lay = self.layout
+        always = [p - fr.start for p in (fr.current.stop - 1, fr.traced) if p is not None]
+        slots = label_slots(fr.n_cols, lay.max_labels, always)
+        xyz = np.column_stack([slots * lay.spacing, np.full(len(slots), -lay.box_depth),
+                               np.full(len(slots), -0.5)])
+        self.token_labels.set(xyz, [_short(fr.texts[s]) for s in slots])
+        z = floor_z(n_floors, lay)
+        marks = ["> " if f == fr.focus else "" for f in range(n_floors)]
+        self.floor_labels.set(
+            np.column_stack([np.full(n_floors, -1.2 * lay.spacing), np.zeros(n_floors),
+                             z + 0.3]),
+            [f"{marks[f]}L{layer}" for f, layer in enumerate(self.source.floors)])
+        self.token_labels.visible(self.state.show_labels)
+        self.floor_labels.visible(self.state.show_labels)
+
+    def _update_hud(self, fr: Frame) -> None:
+        st, c = self.state, fr.city
+        last = c.current.stop - 1
+        text = self.source.token_text(last)
+        lines = [
+            f"{self.source.model_name}   step {c.step} / {c.n_steps - 1}   "
+            f"positions 0-{c.end - 1}   current token {last} {_short(text, 24)!r}",
+            f"height + colour: {METRIC_TITLES.get(c.metric, c.metric)}   arcs: "
+            f"{head_label(st.heads)}, top-{st.top_k}, weight >= {st.threshold:.2f}   "
+            f"{'playing' if st.playing else 'paused'} at {st.speed:g} steps/s",
+        ]
+        extra = []
+        if st.focus is not None:
+            extra.append(f"focus: floor L{self.source.floors[st.focus]}")
+        if st.traced is not None:
+            t = self.source.token_text(st.traced)
+            extra.append(f"tracing token {st.traced} {_short(t, 16)!r}" +
+                         ("" if c.traced is not None else " (not computed yet)"))
+        if c.start > 0:
+            extra.append(f"showing the latest {c.n_cols} positions")
+        if (c.groups > 1).any():
+            extra.append(f"far floors merge {int(c.groups.max())} positions per box")
+        if extra:
+            lines.append("   ".join(extra))
+        lines.append("h: help")
+        self.status.SetInput("\n".join(lines))
+        self.help_overlay.SetVisibility(st.help)
+        self.hover_text.SetInput(self.last_pick.text)
+
+    # -- panels -----------------------------------------------------------------------------
+    def _panel_aspect(self, name: str) -> float:
+        """Width / height of a panel's viewport in pixels."""
+        vx0, vy0, vx1, vy1 = self.panel_renderers[name].GetViewport()
+        w, h = self.plotter.window_size
+        return max(1e-6, (vx1 - vx0) * w) / max(1e-6, (vy1 - vy0) * h)
+
+    def _set_image(self, name: str, matrix: np.ndarray, clim: tuple[float, float],
+                   spacing: float = 1.0) -> None:
+        """Show ``matrix`` (row 0 at the top) as the panel's image; cells are ``spacing``
+        wide and 1 high."""
+        image = self.images[name]
+        ny, nx = matrix.shape if matrix.size else (1, 1)
+        data = matrix if matrix.size else np.full((1, 1), np.nan)
+        image.dimensions = (nx + 1, ny + 1, 1)
+        image.spacing = (spacing, 1.0, 1.0)
+        image.origin = (0.0, -float(ny), 0.0)
+        image.cell_data["value"] = np.ascontiguousarray(data[::-1].astype(np.float32)).ravel()
+        self.image_actors[name].mapper.scalar_range = clim
+
+    def _set_outline(self, name: str, boxes: list[tuple[float, float, float, float, tuple]]
+                     ) -> None:
+        """Rectangles (x0, y0, x1, y1, rgb) drawn over a panel."""
+        if not boxes:
+            _replace(self.outlines[name], np.zeros((2, 3)), lines=np.array([2, 0, 1]),
+                     rgba=np.zeros((1, 4), np.uint8))
+            return
+        pts, lines, rgba = [], [], []
+        for i, (x0, y0, x1, y1, rgb) in enumerate(boxes):
+            pts += [[x0, y0, 0.01], [x1, y0, 0.01], [x1, y1, 0.01], [x0, y1, 0.01]]
+            lines += [5, 4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i]
+            rgba.append((*rgb, 255))
+        _replace(self.outlines[name], np.array(pts, float), lines=np.array(lines),
+                 rgba=np.array(rgba, np.uint8))
+
+    def _fit_panel(self, name: str, x0: float, x1: float, y0: float, y1: float) -> None:
+        """Frame the content box in the panel's camera (only when the box changes)."""
+        key = (round(x0, 3), round(x1, 3), round(y0, 3), round(y1, 3))
+        if self._panel_keys.get(name) == key:
+            return
+        self._panel_keys[name] = key
+        ren = self.panel_renderers[name]
+        cam = ren.GetActiveCamera()
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        cam.SetFocalPoint(cx, cy, 0.0)
+        cam.SetPosition(cx, cy, 100.0)
+        cam.SetViewUp(0.0, 1.0, 0.0)
+        cam.ParallelProjectionOn()
+        aspect = self._panel_aspect(name)
+        cam.SetParallelScale(max((y1 - y0) / 2, (x1 - x0) / 2 / aspect) * 1.02)
+        ren.ResetCameraClippingRange()
+        ren.camera.is_set = True  # keep pyvista from resetting it on the first render
+
+    def _row_labels(self, n: int) -> np.ndarray:
+        return label_slots(n, 24, [])
+
+    def _update_layer(self, p: LayerPanel | None) -> None:
+        rows_l, cols_l = self.panel_labels["layer"]
+        title = self.panel_titles["layer"]
+        if p is None:
+            self._set_image("layer", np.zeros((0, 0)), (-1, 1))
+            title.SetInput("layer view: the trace has no full vectors")
+            rows_l.set(np.zeros((0, 3)), [])
+            cols_l.set(np.zeros((0, 3)), [])
+            return
+        layer = self.source.floors[p.floor]
+        title.SetInput(f"layer view   L{layer} {p.array}   positions {p.positions.start}-"
+                       f"{p.positions.stop - 1} x {len(p.dims)} most active dims")
+        self._set_image("layer", p.matrix, (-p.scale, p.scale))
+        self.panel_bars["layer"].GetLookupTable().SetRange(-p.scale, p.scale)
+        n = len(p.positions)
+        slots = self._row_labels(n)
+        rows_l.set(np.column_stack([np.full(len(slots), -0.3), -(slots + 0.5),
+                                    np.zeros(len(slots))]),
+                   [f"{p.positions.start + s} {_short(p.texts[s], 8)}" for s in slots])
+        cslots = label_slots(len(p.dims), 16, [])
+        cols_l.set(np.column_stack([cslots + 0.5, np.full(len(cslots), -n - 0.3),
+                                    np.zeros(len(cslots))]),
+                   [f"d{int(p.dims[s])}" for s in cslots])
+        c = self.frame.city if self.frame else None
+        boxes = []
+        if c is not None:
+            for pos in c.current:
+                if pos in p.positions:
+                    i = pos - p.positions.start
+                    boxes.append((0, -i - 1, len(p.dims), -i, CURRENT_RGB))
+            if c.traced is not None and c.traced in p.positions:
+                i = c.traced - p.positions.start
+                boxes.append((0, -i - 1, len(p.dims), -i, TRACED_RGB))
+        self._set_outline("layer", boxes)
+        self._fit_panel("layer", -7.0, len(p.dims) + 3.5, -n - 4.0, 2.5)
+
+    def _update_attention(self, p: AttentionPanel | None) -> None:
+        rows_l, cols_l = self.panel_labels["attention"]
+        title = self.panel_titles["attention"]
+        if p is None:
+            self._set_image("attention", np.zeros((0, 0)), (0, 1))
+            title.SetInput("attention: not captured in this trace")
+            rows_l.set(np.zeros((0, 3)), [])
+            cols_l.set(np.zeros((0, 3)), [])
+            self._set_outline("attention", [])
+            return
+        layer = self.source.floors[p.floor]
+        m = p.matrix
+        off = 0
+        if p.earlier is not None:
+            m = np.concatenate([p.earlier[:, None], m], axis=1)
+            off = 1
+        src = "" if p.exact else "  (from top-k summary)"
+        title.SetInput(f"attention   L{layer}   {head_label(p.heads)}   query (rows) x key "
+                       f"(columns){src}")
+        self._set_image("attention", m, (0.0, 1.0))
+        self.panel_bars["attention"].GetLookupTable().SetRange(0.0, 1.0)
+        nq, nk = m.shape
+        slots = self._row_labels(nq)
+        rows_l.set(np.column_stack([np.full(len(slots), -0.3), -(slots + 0.5),
+                                    np.zeros(len(slots))]),
+                   [f"{p.queries.start + s} {_short(p.texts[s], 8)}" for s in slots])
+        kslots = self._row_labels(len(p.keys))
+        ctexts = [f"{_short(p.texts[s], 8)}" for s in kslots]
+        cx = kslots + off + 0.5
+        if off:
+            cx = np.concatenate([[0.5], cx])
+            ctexts = ["earlier"] + ctexts
+        cols_l.set(np.column_stack([cx, np.full(len(cx), -nq - 0.3), np.zeros(len(cx))]),
+                   ctexts)
+        boxes = []
+        for pos in p.current:
+            if pos in p.queries:
+                i = pos - p.queries.start
+                boxes.append((0, -i - 1, nk, -i, CURRENT_RGB))
+        if p.traced is not None and p.traced in p.queries:
+            i = p.traced - p.queries.start
+            boxes.append((0, -i - 1, nk, -i, TRACED_RGB))  # the attention it gives
+            boxes.append((i + off, -nq, i + off + 1, 0, TRACED_RGB))  # ... and receives
+        self._set_outline("attention", boxes)
+        self._fit_panel("attention", -7.0, nk + 3.5, -nq - 5.0, 2.5)
+
+    def _update_token(self, p: TokenPanel | None) -> None:
+        rows_l, cols_l = self.panel_labels["token"]
+        title = self.panel_titles["token"]
+        if p is None:
+            return
+        how = "traced token" if p.traced else "current token"
+        pred = ""
+        if p.predictions:
+            pred = "   next: " + ", ".join(f"{t} {pr:.0%}" for t, pr in p.predictions[:3])
+        title.SetInput(f"token states   {how} {p.position} {_short(p.text, 16)!r}{pred}")
+        n_pts = len(p.point_labels)
+        nd = 0 if p.matrix is None else p.matrix.shape[1]
+        # Lay the panel out in its own aspect ratio: labels | heatmap | bars | notes.
+        height = n_pts + 3.0
+        width = self._panel_aspect("token") * height
+        hx = 0.30 * width  # heatmap width
+        if p.matrix is not None:
+            # rows bottom-up like the floors: the embedding at the bottom
+            self._set_image("token", p.matrix[::-1], (-p.scale, p.scale),
+                            spacing=hx / max(1, nd))
+        else:
+            self._set_image("token", np.zeros((0, 0)), (-1, 1))
+        rows_l.set(np.column_stack([np.full(n_pts, -0.3), -(n_pts - np.arange(n_pts) - 0.5),
+                                    np.zeros(n_pts)]), p.point_labels)
+        cols_l.set(np.zeros((0, 3)), [])
+        # bars: residual norm (grey), what attention (blue) and the MLP (orange) added
+        bx = hx + 0.02 * width
+        blen = 0.14 * width
+        quads, colours = [], []
+
+        def bar(row: int, value: float, vmax: float, lane: int, rgb: tuple) -> None:
+            if value is None or not np.isfinite(value) or vmax <= 0:
+                return
+            y_top = -(n_pts - 1 - row)
+            y0 = y_top - 1 + 0.08 + lane * 0.3
+            x1 = bx + blen * min(1.0, value / vmax)
+            quads.append([[bx, y0, 0], [x1, y0, 0], [x1, y0 + 0.26, 0], [bx, y0 + 0.26, 0]])
+            colours.append((*rgb, 255))
+
+        vr = {m: self.source.value_range(m)[1] for m in self.source.metrics}
+        notes, note_xyz = [], []
+        for i, point in enumerate(self.source.points):
+            if p.residual_norm is not None:
+                bar(i, float(p.residual_norm[i]), vr.get("residual", 0.0), 2, (180, 180, 180))
+            if point - 1 in self.source.floors:
+                f = self.source.floors.index(point - 1)
+                if p.attn_norm is not None:
+                    bar(i, float(p.attn_norm[f]), vr.get("attn_out", 0.0), 1, (80, 150, 255))
+                if p.mlp_norm is not None:
+                    bar(i, float(p.mlp_norm[f]), vr.get("mlp_out", 0.0), 0, (255, 150, 60))
+            parts = []
+            if p.residual_norm is not None:
+                parts.append(f"|r| {p.residual_norm[i]:.3g}  mean {p.ln_mean[i]:+.2g} "
+                             f"std {p.ln_std[i]:.3g}")
+            if p.lens:
+                parts.append("lens " + " ".join(f"{t} {pr:.0%}" for t, pr in p.lens[i]))
+            notes.append("  ".join(parts))
+            note_xyz.append([bx + blen + 0.02 * width, -(n_pts - 1 - i) - 0.5, 0.0])
+        if quads:
+            q = np.array(quads, float).reshape(-1, 3)
+            faces = np.column_stack([np.full(len(quads), 4),
+                                     4 * np.arange(len(quads))[:, None] + np.arange(4)])
+            _replace(self.bars, q, faces=faces.reshape(-1), rgba=np.array(colours, np.uint8))
+        self.bars_actor.SetVisibility(bool(quads))
+        self.token_notes.set(np.array(note_xyz).reshape(-1, 3), notes)
+        self._set_outline("token", [])
+        self._fit_panel("token", -0.14 * width, 0.86 * width, -n_pts - 1.0, 2.0)
+
+    # -- camera -----------------------------------------------------------------------------
+    def city_bounds(self) -> tuple[float, float, float, float, float, float]:
+        lay = self.layout
+        cap = capacity_of(self.source, lay)
+        top = floor_z(self.source.n_floors, lay)[-1] + lay.max_height + 1.0
+        return (-1.5 * lay.spacing, (cap - 0.5) * lay.spacing, -lay.arc_max_peak - 1.0,
+                lay.box_depth, -1.0, top)
+
+    def _apply_camera(self, force: bool = False) -> None:
+        """Move the camera when the view preset or the focused floor changes (never per
+        frame, so the user's own rotation stays)."""
+        key = (self.state.view, self.state.focus)
+        if key == self._camera_key and not force:
+            return
+        self._camera_key = key
+        bounds = self.city_bounds()
+        pos, focal, up = camera_preset(self.state.view, bounds)
+        if self.state.focus is not None:
+            z = floor_z(self.source.n_floors, self.layout)[self.state.focus]
+            zc = z + self.layout.max_height / 2
+            d = np.subtract(pos, focal)
+            width = bounds[1] - bounds[0]
+            vx0, vy0, vx1, vy1 = self.city_renderer.GetViewport()
+            w, h = self.plotter.window_size
+            aspect = max(1e-6, (vx1 - vx0) * w) / max(1e-6, (vy1 - vy0) * h)
+            # far enough for the floor's width to fill the view (30 degree view angle)
+            dist = 0.55 * width / np.tan(np.radians(15.0)) / max(1.0, aspect)
+            d = d / np.linalg.norm(d) * max(6.0, dist)
+            focal = (focal[0], focal[1], zc)
+            pos = tuple(np.add(focal, d).tolist())
+        cam = self.city_renderer.GetActiveCamera()
+        cam.SetFocalPoint(*focal)
+        cam.SetPosition(*pos)
+        cam.SetViewUp(*up)
+        cam.SetViewAngle(30.0)
+        if self.state.focus is None:
+            self.city_renderer.ResetCamera(*bounds)
+        self.city_renderer.ResetCameraClippingRange()
+        self.city_renderer.camera.is_set = True
+
+    # -- widgets and events -----------------------------------------------------------------
+    def _sync_widgets(self) -> None:
+        self._slider_guard = True
+        try:
+            self.step_slider.GetRepresentation().SetValue(self.state.step)
+            self.threshold_slider.GetRepresentation().SetValue(self.state.threshold)
+            rep = self.play_button.GetRepresentation()
+            rep.SetState(1 if self.state.playing else 0)
+        finally:
+            self._slider_guard = False
+
+    def _on_step_slider(self, value: float) -> None:
+        if self._slider_guard or not hasattr(self, "step_slider"):
+            return
+        step = int(round(value))
+        if step != self.state.step:
+            self.set_step(step)
+
+    def _on_threshold_slider(self, value: float) -> None:
+        if self._slider_guard or not hasattr(self, "threshold_slider"):
+            return
+        if abs(value - self.state.threshold) > 1e-6:
+            self.set_state(threshold=float(value))
+
+    def _on_play_button(self, on: bool) -> None:
+        if self._slider_guard:
+            return
+        self.set_playing(bool(on))
+
+    def set_playing(self, on: bool) -> None:
+        if on and self.state.step >= self.source.n_steps - 1:
+            self.state.step = 0  # play from the start again
+        self._last_tick = time.monotonic()
+        self.set_state(playing=on)
+        if on and not self.off_screen and self._timer_id is None:
+            iren = self.plotter.iren.interactor
+            if iren.GetInitialized():
+                self._timer_id = iren.CreateRepeatingTimer(30)
+
+    def tick(self, now: float | None = None) -> bool:
+        """Advance playback if a step is due at ``now``; True when the step changed."""
+        if not self.state.playing:
+            return False
+        now = time.monotonic() if now is None else now
+        due = int((now - self._last_tick) * self.state.speed)
+        if due <= 0:
+            return False
+        self._last_tick += due / self.state.speed
+        target = self.state.step + due
+        if target >= self.source.n_steps - 1:
+            self.set_state(step=self.source.n_steps - 1, playing=False)
+        else:
+            self.set_step(target)
+        return True
+
+    def _on_timer(self, *_: Any) -> None:
+        self.tick()
+
+    def _prefetch(self) -> None:
+        state, n = self.state.copy(playing=False), self.source.n_steps
+        steps = range(state.step + 1, min(n, state.step + 1 + PREFETCH_STEPS))
+        source, layout, panels = self.source, self.layout, self.panels
+
+        def job() -> None:
+            for s in steps:
+                compute_frame(source, state.copy(step=s), layout, panels=panels)
+
+        source.prefetch(job)
+
+    def _on_mouse_move(self, *_: Any) -> None:
+        x, y = self.plotter.iren.interactor.GetEventPosition()
+        self._mouse = (x, y)
+        now = time.monotonic()
+        if now - self._hover_at < HOVER_INTERVAL:
+            return
+        self._hover_at = now
+        self.hover(x, y)
+
+    def _on_left_press(self, *_: Any) -> None:
+        iren = self.plotter.iren.interactor
+        if iren.GetRepeatCount() >= 1:  # double click: trace the token under the mouse
+            x, y = iren.GetEventPosition()
+            self._mouse = (x, y)
+            self.action_trace_under_mouse()
+
+    def hover(self, x: int, y: int) -> PickInfo:
+        """Show the exact values under display position (x, y) in the hover line."""
+        info = self.pick(x, y)
+        self.last_pick = info
+        self.hover_text.SetInput(info.text)
+        if not self.off_screen:
+            self.plotter.render()
+        return info
+
+    def pick(self, x: int, y: int) -> PickInfo:
+        """What is drawn at display position (x, y) (pixels from the bottom left)."""
+        import vtk
+
+        iren = self.plotter.iren.interactor
+        ren = iren.FindPokedRenderer(x, y)
+        picker = vtk.vtkCellPicker()
+        picker.SetTolerance(0.004)
+        picker.PickFromListOn()
+        candidates: list[tuple[Any, str]] = []
+        if ren is self.city_renderer:
+            candidates = [(self.columns_actor, "column")] + [(a, "arc") for a in
+                                                             self.arc_actors]
+        elif self.panels:
+            for name, r in self.panel_renderers.items():
+                if ren is r:
+                    candidates = [(self.image_actors[name], name)]
+        for actor, _ in candidates:
+            if actor.GetVisibility():
+                picker.AddPickList(actor)
+        if not candidates or not picker.Pick(x, y, 0, ren):
+            return PickInfo("none")
+        actor, cell = picker.GetActor(), picker.GetCellId()
+        world = picker.GetPickPosition()
+        for a, kind in candidates:
+            if a is actor and cell >= 0:
+                return self._describe(kind, actor, cell, world)
+        return PickInfo("none")
+
+    def _describe(self, kind: str, actor: Any, cell: int, world: Sequence[float]) -> PickInfo:
+        fr = self.frame
+        assert fr is not None
+        c = fr.city
+        src = self.source
+        if kind == "column":
+            floors, first, span = self._boxes
+            box = cell // 6
+            f = int(floors[box])
+            covered = max(1, min(int(span[box]), c.n_cols - int(first[box])))
+            slot = int(np.clip(round(world[0] / self.layout.spacing), first[box],
+                               first[box] + covered - 1))
+            pos = c.start + slot
+            parts = [f"token {pos} {src.token_text(pos)!r}", f"L{src.floors[f]}"]
+            for m in src.metrics:
+                v = float(src.metric(m, pos, pos + 1)[0, f])
+                parts.append(f"{METRIC_TITLES[m]} {v:.4g}")
+            value = float(c.values[f, slot])
+            return PickInfo("column", position=pos, floor=f, value=value,
+                            text="   ".join(parts))
+        if kind == "arc":
+            b = self.arc_actors.index(actor)
+            i = int(self._arc_index[b][cell])
+            a = c.arcs
+            q, k, f, w = int(a.query[i]), int(a.key[i]), int(a.floor[i]), float(a.weight[i])
+            return PickInfo("arc", position=q, floor=f, key=k, value=w, text=(
+                f"L{src.floors[f]} {head_label(c.heads)}: query {q} {src.token_text(q)!r} "
+                f"attends to key {k} {src.token_text(k)!r} with weight {w:.4f}"))
+        image = self.images[kind]
+        nx = image.dimensions[0] - 1
+        ny = image.dimensions[1] - 1
+        col, row_from_bottom = cell % nx, cell // nx
+        row = ny - 1 - row_from_bottom
+        value = float(image.cell_data["value"][cell])
+        if kind == "layer" and fr.layer is not None:
+            p = fr.layer
+            pos = p.positions.start + row
+            return PickInfo("layer", position=pos, floor=p.floor, key=int(p.dims[col]),
+                            value=value, text=(
+                                f"L{src.floors[p.floor]} {p.array} of token {pos} "
+                                f"{src.token_text(pos)!r}, dim {int(p.dims[col])}: "
+                                f"{value:.4g}"))
+        if kind == "attention" and fr.attention is not None:
+            p = fr.attention
+            q = p.queries.start + row
+            off = 1 if p.earlier is not None else 0
+            if col < off:
+                return PickInfo("attention", position=q, floor=p.floor, value=value, text=(
+                    f"query {q} {src.token_text(q)!r}: weight {value:.4f} on keys before "
+                    f"{p.keys.start}"))
+            k = p.keys.start + col - off
+            return PickInfo("attention", position=q, floor=p.floor, key=k, value=value, text=(
+                f"L{src.floors[p.floor]} {head_label(p.heads)}: query {q} "
+                f"{src.token_text(q)!r} -> key {k} {src.token_text(k)!r}: {value:.4f}"))
+        if kind == "token" and fr.token is not None and fr.token.dims is not None:
+            p = fr.token
+            point_row = len(p.point_labels) - 1 - row  # rows are drawn bottom-up
+            return PickInfo("token", position=p.position, value=value, key=int(p.dims[col]),
+                            text=(f"token {p.position} {p.text!r} "
+                                  f"{p.point_labels[point_row]} "
+                                  f"dim {int(p.dims[col])}: {value:.4g}"))
+        return PickInfo("none")
+
+    # -- actions (one per key; see state.KEYMAP) --------------------------------------------
+    def action_toggle_play(self) -> None:
+        self.set_playing(not self.state.playing)
+
+    def action_step_forward(self) -> None:
+        self.set_step(min(self.source.n_steps - 1, self.state.step + 1))
+
+    def action_step_back(self) -> None:
+        self.set_step(max(0, self.state.step - 1))
+
+    def action_first_step(self) -> None:
+        self.set_step(0)
+
+    def action_last_step(self) -> None:
+        self.set_step(self.source.n_steps - 1)
+
+    def action_faster(self) -> None:
+        self.set_state(speed=next_speed(self.state.speed, +1))
+
+    def action_slower(self) -> None:
+        self.set_state(speed=next_speed(self.state.speed, -1))
+
+    def action_focus_up(self) -> None:
+        f = self.state.focus
+        self.set_state(focus=0 if f is None else min(self.source.n_floors - 1, f + 1))
+
+    def action_focus_down(self) -> None:
+        f = self.state.focus
+        self.set_state(focus=self.source.n_floors - 1 if f is None else max(0, f - 1))
+
+    def action_focus_under_mouse(self) -> None:
+        info = self.pick(*self._mouse)
+        if info.floor is None:
+            return
+        self.set_state(focus=None if info.floor == self.state.focus else info.floor)
+
+    def action_trace_under_mouse(self) -> None:
+        info = self.pick(*self._mouse)
+        if info.position is not None:
+            self.trace(info.position)
+
+    def trace(self, position: int | None) -> None:
+        """Follow ``position`` through every floor and in the linked views (None: stop)."""
+        self.set_state(traced=position)
+
+    def action_next_head(self) -> None:
+        self.set_state(heads=cycle_heads(self.state.heads, self.source.n_heads, +1))
+
+    def action_prev_head(self) -> None:
+        self.set_state(heads=cycle_heads(self.state.heads, self.source.n_heads, -1))
+
+    def action_next_metric(self) -> None:
+        options = tuple(m for m in METRIC_ORDER if m in self.source.metrics) or METRIC_ORDER
+        self.set_state(metric=cycle(options, self.state.metric))
+
+    def action_more_arcs(self) -> None:
+        self.set_state(top_k=self.state.top_k + 1)
+
+    def action_fewer_arcs(self) -> None:
+        self.set_state(top_k=max(0, self.state.top_k - 1))
+
+    def action_raise_threshold(self) -> None:
+        self.set_state(threshold=round(min(1.0, self.state.threshold + 0.05), 2))
+
+    def action_lower_threshold(self) -> None:
+        self.set_state(threshold=round(max(0.0, self.state.threshold - 0.05), 2))
+
+    def action_toggle_arcs(self) -> None:
+        self.set_state(show_arcs=not self.state.show_arcs)
+
+    def action_toggle_columns(self) -> None:
+        self.set_state(show_columns=not self.state.show_columns)
+
+    def action_toggle_links(self) -> None:
+        self.set_state(show_links=not self.state.show_links)
+
+    def action_toggle_labels(self) -> None:
+        self.set_state(show_labels=not self.state.show_labels)
+
+    def _view(self, name: str) -> None:
+        self.state.view = name
+        self._apply_camera(force=True)
+        self.update()
+
+    def action_view_front(self) -> None:
+        self._view("front")
+
+    def action_view_side(self) -> None:
+        self._view("side")
+
+    def action_view_top(self) -> None:
+        self._view("top")
+
+    def action_view_iso(self) -> None:
+        self._view("iso")
+
+    def action_clear(self) -> None:
+        self.set_state(focus=None, traced=None)
+
+    def action_toggle_help(self) -> None:
+        self.set_state(help=not self.state.help)
+
+    def action_quit(self) -> None:
+        self.set_state(playing=False)
+        if not self.off_screen:
+            self.plotter.iren.interactor.TerminateApp()
+
+    def press(self, keysym: str) -> None:
+        """Deliver a key press exactly as the window would (for scripts and tests)."""
+        iren = self.plotter.iren.interactor
+        iren.SetKeySym(keysym)
+        iren.SetKeyCode(keysym if len(keysym) == 1 else "\0")
+        iren.InvokeEvent("KeyPressEvent")
+
+    # -- output -----------------------------------------------------------------------------
+    def screenshot(self) -> np.ndarray:
+        """The current window as an RGB array [height, width, 3]."""
+        self.plotter.render()
+        return np.asarray(self.plotter.screenshot(return_img=True))
+
+    def show(self) -> None:
+        """Open the window and run the event loop until it is closed."""
+        self.plotter.iren.initialize()
+        self._timer_id = self.plotter.iren.interactor.CreateRepeatingTimer(30)
+        try:
+            self.plotter.show(title=f"tracekit view: {self.source.trace.path}")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        src = getattr(self, "source", None)
+        if src is not None:
+            src.close()
+        plotter = getattr(self, "plotter", None)
+        if plotter is not None:
+            plotter.close()
+
+    def __enter__(self) -> CityViewer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write(mesh: Any, points: np.ndarray, rgba: np.ndarray) -> None:
+    """Copy new point positions and cell colours into a mesh's existing arrays."""
+    mesh.points[:] = points
+    mesh.GetPoints().Modified()
+    arr = mesh.cell_data["rgba"]
+    arr[:] = rgba
+    mesh.GetCellData().GetArray("rgba").Modified()
+    mesh.Modified()
+
+
+def _replace(mesh: Any, points: np.ndarray, *, faces: np.ndarray | None = None,
+             lines: np.ndarray | None = None, rgba: np.ndarray | None = None) -> None:
+    """Give a mesh new points and cells (its actor and mapper stay the same)."""
+    mesh.points = np.ascontiguousarray(points, dtype=np.float32)
+    if faces is not None:
+        mesh.faces = np.ascontiguousarray(faces, dtype=np.int64)
+    if lines is not None:
+        mesh.lines = np.ascontiguousarray(lines, dtype=np.int64)
+    if rgba is not None:
+        mesh.cell_data["rgba"] = np.ascontiguousarray(rgba, dtype=np.uint8)
+    mesh.Modified()
+
+
+def _justify(prop: Any, horizontal: str, vertical: str) -> None:
+    """Set a vtkTextProperty's justification from words (left/center/right, top/center/...)."""
+    getattr(prop, {"left": "SetJustificationToLeft", "center": "SetJustificationToCentered",
+                   "right": "SetJustificationToRight"}[horizontal])()
+    getattr(prop, {"top": "SetVerticalJustificationToTop",
+                   "center": "SetVerticalJustificationToCentered",
+                   "bottom": "SetVerticalJustificationToBottom"}[vertical])()
+
+
+def _box_edges() -> np.ndarray:
+    """The 12 edges of a box with corners ordered bottom (0-3) then top (4-7)."""
+    edges = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5),
+             (2, 6), (3, 7)]
+    return np.array([[2, a, b] for a, b in edges], np.int64).reshape(-1)
+
+
+def _pyramid_faces(n: int) -> np.ndarray:
+    """Faces of ``n`` downward pyramids of 5 points each (4 base corners, then the apex)."""
+    out = []
+    for i in range(n):
+        b = 5 * i
+        out += [4, b, b + 1, b + 2, b + 3]
+        for j in range(4):
+            out += [3, b + j, b + (j + 1) % 4, b + 4]
+    return np.array(out, np.int64)
+
+
+def open_viewer(path: str | os.PathLike[str], **state: Any) -> CityViewer:
+    """Open the interactive viewer on ``path`` with initial state fields (step, focus...)."""
+    viewer = CityViewer(path, state=ViewState(**state) if state else None)
+    viewer.show()
+    return viewer
+
+
+def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - thin wrapper
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: python -m tracekit_viewer.app TRACE")
+    open_viewer(args[0])
+
