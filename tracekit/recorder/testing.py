@@ -71,7 +71,7 @@ def tiny_model(family: str, *, seed: int = 0, vocab_size: int = 256,
     return model
 
 
-_CORPUS_MODULES = ("textwrap", "functools", "json.decoder", "string")
+_CORPUS_MODULES = ("textwrap", "string")
 
 
 @functools.cache
