@@ -120,17 +120,19 @@ def compute_frame(source: TraceSource, state: ViewState, layout: CityLayout, *,
     capacity = capacity_of(source, layout)
     groups = lod_groups(source.n_floors, capacity, state.focus, layout)
     traced = state.traced if state.traced is not None and state.traced < end else None
+    metric = state.metric if state.metric in source.metrics or not source.metrics else (
+        source.metrics[0])  # show what the trace has
 
-    values = source.metric(state.metric, start, end).T
+    values = source.metric(metric, start, end).T
     contribution = source.contribution(start, end)
     keys, weights = source.top_attention(start, end, state.heads)
     arcs = select_arcs(np.swapaxes(keys, 0, 1), np.swapaxes(weights, 0, 1), start, end,
                        state.top_k, state.threshold, current, traced, groups == 1,
                        layout.max_arcs)
-    lo_hi = source.value_range(state.metric) if state.metric in source.metrics else (0.0, 1.0)
+    lo_hi = source.value_range(metric) if metric in source.metrics else (0.0, 1.0)
     city = CityFrame(step=step, n_steps=source.n_steps, start=start, end=end,
                      capacity=capacity, groups=groups, current=current, traced=traced,
-                     focus=state.focus, metric=state.metric, heads=state.heads,
+                     focus=state.focus, metric=metric, heads=state.heads,
                      values=values, value_range=lo_hi,
                      contribution=None if contribution is None else contribution.T,
                      arcs=arcs, texts=source.texts(start, end))
