@@ -103,8 +103,11 @@ def _absolute(name: str, replay: np.ndarray, recorded: np.ndarray, tol: float,
 
 def _check_model(trace: Trace, s: ModelStructure) -> None:
     m = trace.model
-    mine = {"n_layers": s.n_layers, "d_model": s.d_model, "n_heads": s.n_heads,
-            "vocab_size": s.vocab_size, "kind": s.kind}
+    mine = {"architecture": type(s.model).__name__, "n_layers": s.n_layers,
+            "d_model": s.d_model, "n_heads": s.n_heads, "vocab_size": s.vocab_size,
+            "kind": s.kind}
+    if not m.get("architecture"):
+        del mine["architecture"]
     wrong = [f"{k} {v} (trace: {m.get(k)})" for k, v in mine.items() if m.get(k) != v]
     if wrong:
         raise RecorderError(f"the model does not match the trace: {', '.join(wrong)}")

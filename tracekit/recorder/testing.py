@@ -103,7 +103,12 @@ def save_tiny_model(folder: str | Path, family: str = "gpt2", *, seed: int = 0,
     """Save a tiny model and a trained tokenizer as a Hugging Face folder; returns it."""
     folder = Path(folder)
     tokenizer = tokenizer or tiny_tokenizer(vocab_size)
+    import transformers
+
+    from .loading import _quiet
+
     model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), **overrides)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with _quiet(transformers):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return folder
