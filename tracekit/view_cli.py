@@ -74,7 +74,7 @@ def _state_options(f: Any) -> Any:
               help="Memory for cached blocks of the trace.")
 def view(trace: Path, step: int | None, layer: int | None, head: str, token: int | None,
          view_name: str, metric: str, top_k: int, threshold: float, cache_mb: int) -> None:
-    """Open TRACE in the interactive 3D viewer (press h in it for the keys)."""
+    """Open a trace in the 3D viewer; press h there for the keys."""
     app = _viewer_module("app")
     render = _viewer_module("render")
     source_mod = _viewer_module("source")
@@ -104,7 +104,7 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
 def render(trace: Path, output: Path, steps: str | None, step: int | None, layer: int | None,
            head: str, token: int | None, view_name: str, metric: str, top_k: int,
            threshold: float, size: str, fps: float, panels: bool) -> None:
-    """Render TRACE headless to an image, or with --steps to a GIF or MP4."""
+    """Render a trace headless to a PNG, or --steps to a GIF/MP4."""
     render_mod = _viewer_module("render")
     dims = render_mod.parse_size(size)
     state = dict(layer=layer, head=head, token=token, view=view_name, metric=metric,

@@ -185,6 +185,8 @@ class CityViewer:
         self._mouse: tuple[int, int] = (0, 0)
         self._panel_keys: dict[str, tuple] = {}
 
+        # text scales with the window, so small renders stay legible and big ones not tiny
+        self._font_scale = float(np.clip(window_size[1] / 1000.0, 0.55, 1.6))
         shape = (2, 2) if panels else (1, 1)
         kw: dict[str, Any] = {"row_weights": [3, 2], "col_weights": [3, 2]} if panels else {}
         theme = pv.themes.DarkTheme()
@@ -233,6 +235,9 @@ class CityViewer:
         self.set_state(step=int(step))
 
     # -- building ---------------------------------------------------------------------------
+    def _fs(self, size: int) -> int:
+        return max(6, round(size * self._font_scale))
+
     def _add_rgba_mesh(self, renderer_mesh: Any, **kw: Any) -> Any:
         actor = self.plotter.add_mesh(renderer_mesh, scalars="rgba", rgba=True,
                                       show_scalar_bar=False, reset_camera=False, **kw)
@@ -269,9 +274,10 @@ class CityViewer:
         self.marker_actor = self.plotter.add_mesh(self.marker, color=CURRENT_RGB, name="marker",
                                                   lighting=False, reset_camera=False)
         self.marker_actor.SetPickable(False)
-        self.token_labels = _Labels(self.city_renderer, size=11, justify="right",
-                                    orientation=40.0)
-        self.floor_labels = _Labels(self.city_renderer, size=13, justify="right", bold=True)
+        self.token_labels = _Labels(self.city_renderer, size=self._fs(11), justify="right",
+                                    orientation=60.0)
+        self.floor_labels = _Labels(self.city_renderer, size=self._fs(13), justify="right",
+                                    bold=True)
         self.scalar_bar = self._make_scalar_bar(self.city_renderer, self._city_lut)
 
     def _empty_lines(self) -> Any:
@@ -299,7 +305,7 @@ class CityViewer:
         bar.SetUnconstrainedFontSize(True)
         for prop in (bar.GetTitleTextProperty(), bar.GetLabelTextProperty()):
             prop.SetColor(*TEXT_RGB)
-            prop.SetFontSize(12)
+            prop.SetFontSize(self._fs(12))
             prop.SetShadow(False)
             prop.SetItalic(False)
         bar.SetPickable(False)
@@ -351,9 +357,9 @@ class CityViewer:
                                      lighting=False)
             oa.SetPickable(False)
             self.outlines[name] = outline
-            self.panel_titles[name] = self._text(ren, (0.02, 0.98), size=13)
-            rows = _Labels(ren, size=10, justify="right")
-            cols = _Labels(ren, size=10, justify="right", orientation=60.0)
+            self.panel_titles[name] = self._text(ren, (0.02, 0.98), size=self._fs(13))
+            rows = _Labels(ren, size=self._fs(10), justify="right")
+            cols = _Labels(ren, size=self._fs(10), justify="right", orientation=60.0)
             self.panel_labels[name] = (rows, cols)
             ren.camera.parallel_projection = True
         self.plotter.subplot(1, 1)
@@ -361,7 +367,7 @@ class CityViewer:
         self.bars.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
         self.bars_actor = self._add_rgba_mesh(self.bars, name="bars", lighting=False)
         self.bars_actor.SetPickable(False)
-        self.token_notes = _Labels(self.panel_renderers["token"], size=9, justify="left")
+        self.token_notes = _Labels(self.panel_renderers["token"], size=self._fs(9), justify="left")
         self.panel_bars = {
             "layer": self._make_scalar_bar(self.panel_renderers["layer"], _lut(SIGNED_CMAP),
                                            position=(0.92, 0.2)),
@@ -374,9 +380,9 @@ class CityViewer:
 
     def _build_hud(self) -> None:
         ren = self.city_renderer
-        self.status = self._text(ren, (0.01, 0.99), size=13)
-        self.hover_text = self._text(ren, (0.01, 0.11), size=12, valign="bottom")
-        self.help_overlay = self._text(ren, (0.5, 0.55), size=13, align="center",
+        self.status = self._text(ren, (0.01, 0.99), size=self._fs(13))
+        self.hover_text = self._text(ren, (0.01, 0.11), size=self._fs(12), valign="bottom")
+        self.help_overlay = self._text(ren, (0.5, 0.55), size=self._fs(13), align="center",
                                        valign="center", mono=True)
         prop = self.help_overlay.GetTextProperty()
         prop.SetBackgroundColor(0.0, 0.0, 0.0)
@@ -671,8 +677,12 @@ class CityViewer:
         ren.ResetCameraClippingRange()
         ren.camera.is_set = True  # keep pyvista from resetting it on the first render
 
-    def _row_labels(self, n: int) -> np.ndarray:
-        return label_slots(n, 24, [])
+    def _axis_labels(self, name: str, n: int, axis: int) -> np.ndarray:
+        """Which of ``n`` rows (axis 1) or columns (axis 0) of a panel get a label: as many
+        as fit without overlapping."""
+        vp = self.panel_renderers[name].GetViewport()
+        px = (vp[2 + axis] - vp[axis]) * self.plotter.window_size[axis]
+        return label_slots(n, max(2, int(0.7 * px / (self._fs(10) * 1.6))), [])
 
     def _update_layer(self, p: LayerPanel | None) -> None:
         rows_l, cols_l = self.panel_labels["layer"]
@@ -689,11 +699,11 @@ class CityViewer:
         self._set_image("layer", p.matrix, (-p.scale, p.scale))
         self.panel_bars["layer"].GetLookupTable().SetRange(-p.scale, p.scale)
         n = len(p.positions)
-        slots = self._row_labels(n)
+        slots = self._axis_labels("layer", n, 1)
         rows_l.set(np.column_stack([np.full(len(slots), -0.3), -(slots + 0.5),
                                     np.zeros(len(slots))]),
                    [f"{p.positions.start + s} {_short(p.texts[s], 8)}" for s in slots])
-        cslots = label_slots(len(p.dims), 16, [])
+        cslots = self._axis_labels("layer", len(p.dims), 0)
         cols_l.set(np.column_stack([cslots + 0.5, np.full(len(cslots), -n - 0.3),
                                     np.zeros(len(cslots))]),
                    [f"d{int(p.dims[s])}" for s in cslots])
@@ -732,11 +742,11 @@ class CityViewer:
         self._set_image("attention", m, (0.0, 1.0))
         self.panel_bars["attention"].GetLookupTable().SetRange(0.0, 1.0)
         nq, nk = m.shape
-        slots = self._row_labels(nq)
+        slots = self._axis_labels("attention", nq, 1)
         rows_l.set(np.column_stack([np.full(len(slots), -0.3), -(slots + 0.5),
                                     np.zeros(len(slots))]),
                    [f"{p.queries.start + s} {_short(p.texts[s], 8)}" for s in slots])
-        kslots = self._row_labels(len(p.keys))
+        kslots = self._axis_labels("attention", len(p.keys), 0)
         ctexts = [f"{_short(p.texts[s], 8)}" for s in kslots]
         cx = kslots + off + 0.5
         if off:
@@ -861,6 +871,7 @@ class CityViewer:
         cam.SetViewAngle(30.0)
         if self.state.focus is None:
             self.city_renderer.ResetCamera(*bounds)
+            cam.Zoom(1.25)  # the bounds' sphere is loose around a long, flat city
         self.city_renderer.ResetCameraClippingRange()
         self.city_renderer.camera.is_set = True
 

@@ -456,7 +456,7 @@ def camera_preset(name: str, bounds: tuple[float, float, float, float, float, fl
         "front": ((0.0, -1.0, 0.0), (0.0, 0.0, 1.0)),
         "side": ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
         "top": ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0)),
-        "iso": ((-0.45, -1.0, 0.55), (0.0, 0.0, 1.0)),
+        "iso": ((-0.25, -1.0, 0.5), (0.0, 0.0, 1.0)),
     }
     if name not in directions:
         raise ValueError(f"camera preset must be one of {sorted(directions)}, not {name!r}")
