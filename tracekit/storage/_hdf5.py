@@ -36,6 +36,8 @@ from . import (
     whole_chunk_rows,
 )
 
+#: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds.
+META_HEADROOM = 16384
 # HDF5 filter ids every HDF5 build has: deflate, shuffle, fletcher32.
 ALLOWED_FILTERS = frozenset({1, 2, 3})
 _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
@@ -191,10 +193,23 @@ class HDF5Backend(Backend):
         return meta
 
     def write_root_meta(self, meta: dict[str, Any]) -> None:
-        # Fixed length, so that readers can check its size before reading it.
+        # A fixed-length string, so that readers can check its size before reading it, with
+        # headroom, so that the final metadata overwrites it in place while still in SWMR
+        # mode (leaving SWMR to rewrite it would make a killed writer's file unopenable).
         text = json.dumps(meta, sort_keys=True).encode("utf-8")
-        self._f.attrs.create(ROOT_KEY, text,
-                             dtype=h5py.string_dtype("utf-8", max(1, len(text))))
+        if ROOT_KEY in self._f.attrs:
+            attr = self._f.attrs.get_id(ROOT_KEY)
+            atype = attr.get_type()
+            if (isinstance(atype, h5py.h5t.TypeStringID) and not atype.is_variable_str()
+                    and attr.shape == () and len(text) <= atype.get_size()):
+                attr.write(np.array(text, dtype=h5py.string_dtype("utf-8", atype.get_size())))
+                return
+            if self._f.swmr_mode:  # does not fit: only a non-SWMR handle may recreate it
+                self._f.flush()
+                self._f.close()
+                self._f = h5py.File(self.path, "r+")
+        size = max(len(text), min(MAX_METADATA_BYTES, len(text) + META_HEADROOM), 1)
+        self._f.attrs.create(ROOT_KEY, text, dtype=h5py.string_dtype("utf-8", size))
 
     # -- arrays -----------------------------------------------------------------------------
     def create_array(self, name, shape, dtype, chunks, dims, attrs, compression,
@@ -262,10 +277,9 @@ class HDF5Backend(Backend):
             self._final_path = None
 
     def end_streaming(self) -> None:
-        """Leave SWMR mode (attributes cannot change in it): reopen read-write."""
+        """Stay in SWMR mode: the final metadata is written in place (see write_root_meta),
+        so there is no instant at which the file is open without SWMR's ordered writes."""
         self._f.flush()
-        self._f.close()
-        self._f = h5py.File(self.path, "r+")
 
     def flush(self) -> None:
         self._f.flush()
