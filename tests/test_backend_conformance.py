@@ -219,6 +219,16 @@ class BackendConformance:
         assert be.read_root_meta() == {**META, "status": "complete"}
         be.close()
 
+    def test_root_metadata_can_grow_while_streaming(self, tmp_path: Path) -> None:
+        be = self.laid_out(tmp_path)
+        bigger = {**META, "status": "complete", "summary": {"x": "y" * 100_000}}
+        be.write_root_meta(bigger)
+        be.end_streaming()
+        be.close()
+        be = self.reopen(be)
+        assert be.read_root_meta() == bigger
+        be.close()
+
     def test_fresh_backend_without_metadata_is_not_a_trace(self, tmp_path: Path) -> None:
         be = self.new(tmp_path)
         with pytest.raises(NotATraceError):

@@ -310,3 +310,25 @@ def assert_summaries(trace: tracekit.Trace, expected: Expected) -> None:
         assert np.array_equal(valid, want > 0)
         picked = np.take_along_axis(att, np.where(valid, keys, 0), axis=-1)
         assert np.array_equal(np.where(valid, picked, 0), want)
+
+
+# -- a writer process to kill -----------------------------------------------------------------
+def kill_plan() -> TracePlan:
+    """The plan of the kill test: dense, sparse (attention) and integer arrays in several
+    chunks, and few arrays in all, so that a recording takes a fraction of a second."""
+    return small_plan(max_positions=16, chunk_bytes=768,
+                      captured=["residual", "attention", "predictions"])
+
+
+def record_in_child(path: str, seed: int, started: Any, step_pause: float = 0.002) -> None:
+    """Body of the writer process the kill test SIGKILLs: records :func:`kill_plan` to
+    ``path``, committing after every step, and sets ``started`` just before creating it."""
+    import time
+
+    plan = kill_plan()
+    started.set()
+    writer = create_synthetic(path, plan, seed, commit_interval=0.0)
+    for ids, texts, arrays, t in iter_steps(plan, seed, plan.max_positions):
+        writer.write_step(ids, texts, arrays, step_time=t)
+        time.sleep(step_pause)  # the model computing the next step
+    writer.close()
