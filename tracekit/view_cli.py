@@ -70,7 +70,7 @@ def _state_options(f: Any) -> Any:
 @click.command(cls=_ViewerCommand)
 @click.argument("trace", type=click.Path(exists=True, path_type=Path))
 @_state_options
-@click.option("--cache-mb", type=click.IntRange(16, 1 << 20), default=192, show_default=True,
+@click.option("--cache-mb", type=click.IntRange(16, 1 << 20), default=64, show_default=True,
               help="Memory for cached blocks of the trace.")
 def view(trace: Path, step: int | None, layer: int | None, head: str, token: int | None,
          view_name: str, metric: str, top_k: int, threshold: float, cache_mb: int) -> None:

@@ -423,8 +423,9 @@ class CityViewer:
         iren.add_observer("TimerEvent", self._on_timer)
 
     # -- updating ---------------------------------------------------------------------------
-    def update(self, render: bool = True) -> Frame:
-        """Recompute the frame for the current state and copy it into the actors."""
+    def update(self, render: bool | None = None) -> Frame:
+        """Recompute the frame for the current state and copy it into the actors; redraw the
+        window (off-screen, the next :meth:`screenshot` draws)."""
         fr = compute_frame(self.source, self.state, self.layout, panels=self.panels)
         self.frame = fr
         self._update_city(fr.city)
@@ -438,7 +439,7 @@ class CityViewer:
             self._sync_widgets()
         if self.state.playing:
             self._prefetch()
-        if render:
+        if render if render is not None else not self.off_screen:
             self.plotter.render()
         return fr
 
@@ -682,7 +683,8 @@ class CityViewer:
         as fit without overlapping."""
         vp = self.panel_renderers[name].GetViewport()
         px = (vp[2 + axis] - vp[axis]) * self.plotter.window_size[axis]
-        return label_slots(n, max(2, int(0.7 * px / (self._fs(10) * 1.6))), [])
+        # text is the dearest thing to draw on a software renderer: one label per ~2 lines
+        return label_slots(n, max(2, int(0.6 * px / (self._fs(10) * 2.4))), [])
 
     def _update_layer(self, p: LayerPanel | None) -> None:
         rows_l, cols_l = self.panel_labels["layer"]
@@ -788,8 +790,14 @@ class CityViewer:
                             spacing=hx / max(1, nd))
         else:
             self._set_image("token", np.zeros((0, 0)), (-1, 1))
-        rows_l.set(np.column_stack([np.full(n_pts, -0.3), -(n_pts - np.arange(n_pts) - 0.5),
-                                    np.zeros(n_pts)]), p.point_labels)
+        # as many rows labelled (and annotated) as fit, the top (last) point always
+        _, vy0, _, vy1 = self.panel_renderers["token"].GetViewport()
+        pitch = (vy1 - vy0) * self.plotter.window_size[1] / height
+        shown = set(label_slots(n_pts, max(2, int(n_pts * pitch / (self._fs(9) * 1.5))),
+                                [n_pts - 1]).tolist())
+        rows = np.array(sorted(shown), dtype=np.int64)
+        rows_l.set(np.column_stack([np.full(len(rows), -0.3), -(n_pts - rows - 0.5),
+                                    np.zeros(len(rows))]), [p.point_labels[i] for i in rows])
         cols_l.set(np.zeros((0, 3)), [])
         # bars: residual norm (grey), what attention (blue) and the MLP (orange) added
         bx = hx + 0.02 * width
@@ -816,6 +824,8 @@ class CityViewer:
                     bar(i, float(p.attn_norm[f]), vr.get("attn_out", 0.0), 1, (80, 150, 255))
                 if p.mlp_norm is not None:
                     bar(i, float(p.mlp_norm[f]), vr.get("mlp_out", 0.0), 0, (255, 150, 60))
+            if i not in shown:
+                continue
             parts = []
             if p.residual_norm is not None:
                 parts.append(f"|r| {p.residual_norm[i]:.3g}  mean {p.ln_mean[i]:+.2g} "

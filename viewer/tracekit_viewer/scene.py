@@ -65,7 +65,7 @@ class CityLayout:
     lod_radius: int = 2  # floors this close to the focus always get one box per position
     fade_alpha: float = 0.12  # opacity of floors that are not focused
     max_arcs: int = 1500  # most arcs drawn (the current and traced token's always are)
-    max_labels: int = 48
+    max_labels: int = 32
 
 
 # -- layout ---------------------------------------------------------------------------------

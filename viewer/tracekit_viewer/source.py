@@ -31,7 +31,7 @@ METRICS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": 
 METRIC_TITLES = {"residual": "residual norm", "attn_out": "attention out norm",
                  "mlp_out": "MLP out norm"}
 
-DEFAULT_CACHE_BYTES = 192 << 20
+DEFAULT_CACHE_BYTES = 64 << 20  # a frame needs a few MB; this holds dozens of steps
 SUMMARY_BLOCK = 256  # positions per cached block of summaries
 ROW_BLOCK = 16  # positions per cached block of full vectors
 KEY_BLOCK = 256  # keys per cached block of the attention matrix

@@ -209,12 +209,17 @@ class _RandomRows:
             if self.plan.stored_dtype == "float16":  # rank the values as stored
                 row = row.astype(np.float16).astype(np.float32)
             att[i, :, :, : q + 1] = row
-            # rank exactly what was written (ties broken by key), as the writer would
-            order = np.argsort(-row, axis=-1, kind="stable")[..., :K]
-            ww = np.take_along_axis(row, order, axis=-1)
-            kk = min(K, q + 1)
-            top_k[i, :, :, :kk] = np.where(ww[..., :kk] > 0, order[..., :kk], -1)
-            top_w[i, :, :, :kk] = np.where(ww[..., :kk] > 0, ww[..., :kk], 0)
+            # Rank exactly what was written (ties broken by key). Only the <= 4 candidate keys
+            # carry weight, so rank those instead of sorting whole rows.
+            ck = np.sort(cand, axis=-1)
+            cw = np.take_along_axis(row, ck, axis=-1)
+            cw[..., 1:][ck[..., 1:] == ck[..., :-1]] = -1.0  # a key counted once
+            order = np.argsort(-cw, axis=-1, kind="stable")
+            ck = np.take_along_axis(ck, order, axis=-1)
+            cw = np.take_along_axis(cw, order, axis=-1)
+            kk = min(K, 4)
+            top_k[i, :, :, :kk] = np.where(cw[..., :kk] > 0, ck[..., :kk], -1)
+            top_w[i, :, :, :kk] = np.where(cw[..., :kk] > 0, cw[..., :kk], 0)
         return {"attention": att, "attention_top_keys": top_k, "attention_top_weights": top_w}
 
 
