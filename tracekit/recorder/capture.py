@@ -263,26 +263,33 @@ class Capture:
             out["top_ids"] = ids.to(torch.int32).cpu()
             out["top_logprobs"] = vals.cpu()
         if "logit_lens" in groups:
-            ids_per_point, lps_per_point = [], []
-            for p in self.points:
-                if p not in self._raw:
-                    raise RecorderError(f"no residual stream was captured at point {p}")
-                ids, lps = self.lens_top_k(self._raw[p])
-                ids_per_point.append(ids)
-                lps_per_point.append(lps)
-            out["lens_ids"] = torch.stack(ids_per_point, dim=1)
-            out["lens_logprobs"] = torch.stack(lps_per_point, dim=1)
+            # All points of all new positions in one batch: a CPU matmul against the
+            # unembedding reads its (large) weight once per block instead of once per point.
+            missing = [p for p in self.points if p not in self._raw]
+            if missing:
+                raise RecorderError(f"no residual stream was captured at point {missing[0]}")
+            device = self._lens_device()
+            stacked = torch.stack([self._raw[p].to(device) for p in self.points], dim=1)
+            n, n_points = stacked.shape[:2]
+            ids, lps = self.lens_top_k(stacked.reshape(n * n_points, -1))
+            out["lens_ids"] = ids.reshape(n, n_points, -1)
+            out["lens_logprobs"] = lps.reshape(n, n_points, -1)
         return out
 
     def lens_log_softmax_blocks(self, x: torch.Tensor):
         """Yield ``(start, log_softmax(lens logits))`` over blocks of positions of ``x``."""
         s = self.structure
-        weight = getattr(s.unembedding, "weight", None)
-        device = weight.device if isinstance(weight, torch.Tensor) else x.device
+        device = self._lens_device(x.device)
         block = max(1, _LENS_BLOCK_BYTES // (4 * s.vocab_size))
         for start in range(0, x.shape[0], block):
             chunk = x[start:start + block].to(device)
             yield start, torch.log_softmax(s.lens_logits(chunk).float(), dim=-1)
+
+    def _lens_device(self, default: torch.device | None = None) -> torch.device:
+        weight = getattr(self.structure.unembedding, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+        return default or torch.device("cpu")
 
     def lens_top_k(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids_parts, lp_parts = [], []
