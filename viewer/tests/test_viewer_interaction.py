@@ -191,6 +191,8 @@ def test_pick_a_column_shows_its_exact_values_and_traces_it(viewer):
     # 'f' focuses the floor under the mouse, again unfocuses
     viewer.press("f")
     assert viewer.state.focus == 1
+    viewer.screenshot()  # the camera zoomed to the floor: find the column again
+    viewer._mouse = _display(viewer.city_renderer, _box_centre(viewer, floor=1, position=6))
     viewer.press("f")
     assert viewer.state.focus is None
 
@@ -238,3 +240,17 @@ def test_bad_state_is_refused(viewer):
         viewer.set_state(focus=3)
     with pytest.raises(ValueError):
         viewer.set_state(traced=10)
+
+
+def test_scrubbing_updates_meshes_in_place(viewer):
+    """A frame copies new numbers into the same meshes: no actor is created or replaced."""
+    ren = viewer.city_renderer
+    props = ren.GetViewProps().GetNumberOfItems()
+    columns, mesh = viewer.columns_actor, viewer.columns
+    for step in (0, 6, 3, 1):
+        viewer.set_step(step)
+        viewer.screenshot()
+    assert ren.GetViewProps().GetNumberOfItems() == props
+    assert viewer.columns_actor is columns and columns.mapper.dataset is mesh
+    # the level of detail did not change, so neither did the number of boxes
+    assert mesh.n_cells == 6 * 3 * 10

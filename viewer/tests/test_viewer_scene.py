@@ -21,6 +21,7 @@ from tracekit_viewer.scene import (
     colour_values,
     column_heights,
     combine_heads,
+    fit_layout,
     floor_boxes,
     label_slots,
     layernorm_stats,
@@ -222,3 +223,11 @@ def test_state_cycles():
     assert ViewState().copy(step=3).step == 3
     text = help_text()
     assert "Space  play / pause" in text and "Right  next step" in text
+
+
+def test_fit_layout_keeps_a_wide_city_from_being_a_sliver():
+    assert fit_layout(10, 3) == CityLayout()  # small: the default sizes
+    lay = fit_layout(512, 24)
+    height = 24 * lay.floor_gap
+    assert 1.8 < 512 * lay.spacing / height < 2.4
+    assert lay.max_height / lay.floor_gap == pytest.approx(CityLayout().max_height / 3.0)

@@ -44,6 +44,7 @@ from .scene import (
     box_geometry,
     camera_preset,
     colour_values,
+    fit_layout,
     floor_boxes,
     floor_z,
     label_slots,
@@ -166,7 +167,8 @@ class CityViewer:
         if self.source.n_steps == 0:
             self.source.close()
             raise ValueError("the trace has no committed steps to show")
-        self.layout = layout or CityLayout()
+        self.layout = layout or fit_layout(min(CityLayout().window, self.source.n_positions),
+                                           self.source.n_floors)
         self.panels = panels
         self.off_screen = off_screen
         self.state = self._normalized(state or ViewState(step=self.source.n_steps - 1))
@@ -524,11 +526,20 @@ class CityViewer:
                 m = slot == pos - fr.start
                 rgba[m, :3] = rgb
                 rgba[m, 3] = 255
-        cur = (slot >= fr.current.start - fr.start) & (slot < fr.current.stop - fr.start)
+        cur = slot == fr.current.stop - 1 - fr.start  # the current token
         rgba[cur, :3] = CURRENT_RGB
         rgba[cur, 3] = np.maximum(rgba[cur, 3], 200)
         if fr.focus is not None:
             rgba[:, 3] = (rgba[:, 3] * 0.5).astype(np.uint8)
+        # A curtain of thousands of links hides the city: link every k-th column (and the
+        # current and traced token's), at most ``max_links`` columns.
+        every = max(1, -(-cap // self.layout.max_links))
+        keep = (slot % every == 0) | cur
+        if fr.traced is not None and fr.start <= fr.traced < fr.end:
+            keep |= slot == fr.traced - fr.start
+        pts = pts.reshape(-1, 2, 3)[keep].reshape(-1, 3)
+        rgba = rgba[keep]
+        n_seg = len(rgba)
         lines = np.column_stack([np.full(n_seg, 2), 2 * np.arange(n_seg),
                                  2 * np.arange(n_seg) + 1]).reshape(-1)
         if self.links.n_points == len(pts):
@@ -548,7 +559,8 @@ class CityViewer:
         pts[:, :, 2] = z[:, None]
         faces = np.column_stack([np.full(n_floors, 4), 4 * np.arange(n_floors)[:, None]
                                  + np.arange(4)[None, :]]).reshape(-1)
-        rgba = np.tile(np.array([[60, 66, 80, 70]], np.uint8), (n_floors, 1))
+        rgba = np.tile(np.array([[60, 66, 80, 70 if fr.focus is None else 25]], np.uint8),
+                       (n_floors, 1))
         if fr.focus is not None:
             rgba[fr.focus] = (70, 110, 190, 120)
         if self.plates.n_points == len(pts) * 4:
@@ -559,7 +571,7 @@ class CityViewer:
     def _update_markers(self, fr: CityFrame, n_floors: int, col_h: np.ndarray) -> None:
         lay = self.layout
         top = floor_z(n_floors, lay)[-1] + lay.max_height + 0.5
-        cur = [p - fr.start for p in fr.current if fr.start <= p < fr.end]
+        cur = [fr.current.stop - 1 - fr.start]  # the current token (last of the step)
         apex = np.array([[s * lay.spacing, 0.0, top] for s in cur]).reshape(-1, 3)
         w = lay.box_width / 2
         pts = []
@@ -601,7 +613,7 @@ class CityViewer:
         last = c.current.stop - 1
         text = self.source.token_text(last)
         lines = [
-            f"{self.source.model_name}   step {c.step} / {c.n_steps - 1}   "
+            f"{_model_label(self.source.model_name)}   step {c.step} / {c.n_steps - 1}   "
             f"positions 0-{c.end - 1}   current token {last} {_short(text, 24)!r}",
             f"height + colour: {METRIC_TITLES.get(c.metric, c.metric)}   arcs: "
             f"{head_label(st.heads)}, top-{st.top_k}, weight >= {st.threshold:.2f}   "
@@ -712,7 +724,7 @@ class CityViewer:
         c = self.frame.city if self.frame else None
         boxes = []
         if c is not None:
-            for pos in c.current:
+            for pos in c.current[-1:]:
                 if pos in p.positions:
                     i = pos - p.positions.start
                     boxes.append((0, -i - 1, len(p.dims), -i, CURRENT_RGB))
@@ -757,7 +769,7 @@ class CityViewer:
         cols_l.set(np.column_stack([cx, np.full(len(cx), -nq - 0.3), np.zeros(len(cx))]),
                    ctexts)
         boxes = []
-        for pos in p.current:
+        for pos in p.current[-1:]:
             if pos in p.queries:
                 i = pos - p.queries.start
                 boxes.append((0, -i - 1, nk, -i, CURRENT_RGB))
@@ -1236,6 +1248,14 @@ def _replace(mesh: Any, points: np.ndarray, *, faces: np.ndarray | None = None,
     if rgba is not None:
         mesh.cell_data["rgba"] = np.ascontiguousarray(rgba, dtype=np.uint8)
     mesh.Modified()
+
+
+def _model_label(name: str) -> str:
+    """A model's name for the status line: a local path shortened to its last two parts."""
+    if name.startswith(("/", "~", ".")) or "\\" in name:
+        parts = [p for p in name.replace("\\", "/").split("/") if p]
+        return "/".join(parts[-2:])
+    return name
 
 
 def _justify(prop: Any, horizontal: str, vertical: str) -> None:

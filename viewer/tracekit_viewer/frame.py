@@ -127,7 +127,8 @@ def compute_frame(source: TraceSource, state: ViewState, layout: CityLayout, *,
     contribution = source.contribution(start, end)
     keys, weights = source.top_attention(start, end, state.heads)
     arcs = select_arcs(np.swapaxes(keys, 0, 1), np.swapaxes(weights, 0, 1), start, end,
-                       state.top_k, state.threshold, current, traced, groups == 1,
+                       state.top_k, state.threshold, range(current.stop - 1, current.stop),
+                       traced, groups == 1,
                        layout.max_arcs)
     lo_hi = source.value_range(metric) if metric in source.metrics else (0.0, 1.0)
     city = CityFrame(step=step, n_steps=source.n_steps, start=start, end=end,

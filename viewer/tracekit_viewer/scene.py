@@ -29,6 +29,7 @@ __all__ = [
     "column_heights",
     "combine_heads",
     "floor_boxes",
+    "fit_layout",
     "floor_z",
     "label_slots",
     "layernorm_stats",
@@ -66,9 +67,23 @@ class CityLayout:
     fade_alpha: float = 0.12  # opacity of floors that are not focused
     max_arcs: int = 1500  # most arcs drawn (the current and traced token's always are)
     max_labels: int = 32
+    max_links: int = 64  # columns with residual links drawn (plus current and traced)
 
 
 # -- layout ---------------------------------------------------------------------------------
+def fit_layout(n_cols: int, n_floors: int, base: CityLayout | None = None) -> CityLayout:
+    """A layout whose city is about twice as wide as it is tall: floors move apart (and
+    columns and arcs grow with them) when there are many positions per floor."""
+    from dataclasses import replace
+
+    base = base or CityLayout()
+    width = max(1, n_cols) * base.spacing
+    gap = max(base.floor_gap, 0.5 * width / max(1, n_floors) * 0.9)
+    scale = gap / base.floor_gap
+    return replace(base, floor_gap=gap, max_height=base.max_height * scale,
+                   min_height=base.min_height * scale, arc_max_peak=base.arc_max_peak * scale)
+
+
 def visible_window(end: int, window: int) -> tuple[int, int]:
     """Positions ``[start, end)`` shown when ``end`` positions are computed."""
     return max(0, end - window), end
