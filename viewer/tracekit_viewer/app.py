@@ -372,12 +372,13 @@ class CityViewer:
         self.token_notes = _Labels(self.panel_renderers["token"], size=self._fs(9), justify="left")
         self.panel_bars = {
             "layer": self._make_scalar_bar(self.panel_renderers["layer"], _lut(SIGNED_CMAP),
-                                           position=(0.92, 0.2)),
+                                           position=(0.89, 0.2)),
             "attention": self._make_scalar_bar(self.panel_renderers["attention"],
-                                               _lut(ATTN_CMAP), position=(0.92, 0.2)),
+                                               _lut(ATTN_CMAP), position=(0.89, 0.2)),
         }
         for bar in self.panel_bars.values():
-            bar.SetWidth(0.06)
+            bar.SetWidth(0.1)
+            bar.SetBarRatio(0.3)
         self.plotter.subplot(0, 0)
 
     def _build_hud(self) -> None:
@@ -732,7 +733,7 @@ class CityViewer:
                 i = c.traced - p.positions.start
                 boxes.append((0, -i - 1, len(p.dims), -i, TRACED_RGB))
         self._set_outline("layer", boxes)
-        self._fit_panel("layer", -7.0, len(p.dims) + 3.5, -n - 4.0, 2.5)
+        self._fit_panel("layer", -7.0, len(p.dims) + 6.0, -n - 4.0, 2.5)
 
     def _update_attention(self, p: AttentionPanel | None) -> None:
         rows_l, cols_l = self.panel_labels["attention"]
@@ -778,7 +779,7 @@ class CityViewer:
             boxes.append((0, -i - 1, nk, -i, TRACED_RGB))  # the attention it gives
             boxes.append((i + off, -nq, i + off + 1, 0, TRACED_RGB))  # ... and receives
         self._set_outline("attention", boxes)
-        self._fit_panel("attention", -7.0, nk + 3.5, -nq - 5.0, 2.5)
+        self._fit_panel("attention", -7.0, nk + 6.0, -nq - 5.0, 2.5)
 
     def _update_token(self, p: TokenPanel | None) -> None:
         rows_l, cols_l = self.panel_labels["token"]
