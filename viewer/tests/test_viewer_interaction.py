@@ -254,3 +254,19 @@ def test_scrubbing_updates_meshes_in_place(viewer):
     assert viewer.columns_actor is columns and columns.mapper.dataset is mesh
     # the level of detail did not change, so neither did the number of boxes
     assert mesh.n_cells == 6 * 3 * 10
+
+
+def test_a_traced_token_scrolled_out_of_the_window(exact_trace):
+    """With only the latest 4 positions shown, token 1 is traced but not in the city."""
+    from tracekit_viewer.app import CityViewer
+    from tracekit_viewer.scene import CityLayout
+    from tracekit_viewer.state import ViewState
+
+    with CityViewer(exact_trace, state=ViewState(step=6, traced=1), layout=CityLayout(window=4),
+                    off_screen=True, window_size=(320, 240), prefetch=False) as v:
+        v.screenshot()
+        assert v.frame.city.start == 6 and v.frame.token.position == 1
+        assert not v.tracer_actor.GetVisibility()
+        v.set_step(0)  # scrub back: it is in the window again
+        v.screenshot()
+        assert v.tracer_actor.GetVisibility()

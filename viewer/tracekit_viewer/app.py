@@ -582,7 +582,8 @@ class CityViewer:
         if pts:
             _replace(self.marker, np.array(pts, np.float64), faces=_pyramid_faces(len(cur)))
         self.marker_actor.SetVisibility(bool(pts))
-        if fr.traced is not None:
+        visible = fr.traced is not None and fr.start <= fr.traced < fr.end
+        if visible:
             s = fr.traced - fr.start
             x = s * lay.spacing
             hw = lay.box_width / 2 + 0.12
@@ -591,7 +592,7 @@ class CityViewer:
                                 for z in (-0.15, z1)
                                 for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))])
             _replace(self.tracer, corners, lines=_box_edges())
-        self.tracer_actor.SetVisibility(fr.traced is not None)
+        self.tracer_actor.SetVisibility(visible)  # (it may have scrolled out of the window)
 
     def _update_city_labels(self, fr: CityFrame, n_floors: int) -> None:
         lay = self.layout
