@@ -9,6 +9,7 @@ The metadata is a JSON string in the root attribute ``tracekit``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -41,6 +42,65 @@ META_HEADROOM = 16384
 # HDF5 filter ids every HDF5 build has: deflate, shuffle, fletcher32.
 ALLOWED_FILTERS = frozenset({1, 2, 3})
 _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+#: Metadata read attempts of SWMR readers. HDF5 retries a metadata block whose checksum fails
+#: (a torn read of a block the writer is updating) with a doubling back-off from 1 ns; with its
+#: default of 100 attempts, one damaged block in a file opened as an SWMR reader stalls for
+#: hours. 24 attempts still wait up to about 17 ms for a writer to finish a block.
+SWMR_READ_ATTEMPTS = 24
+
+
+@functools.cache
+def _read_attempts_setter() -> Any:
+    """``H5Pset_metadata_read_attempts`` of the HDF5 library h5py uses (not wrapped by h5py),
+    or None where that library cannot be found among the loaded ones (then HDF5's default)."""
+    import ctypes
+    import re
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    loaded = sorted(set(re.findall(r"(/\S*/libhdf5(?:-[0-9a-f]+)?\.so[.0-9]*)\s*$", maps,
+                                   re.MULTILINE)))
+    for lib_path in loaded:
+        try:
+            setter = ctypes.CDLL(lib_path).H5Pset_metadata_read_attempts
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        setter.restype = ctypes.c_int
+        return setter
+    return None
+
+
+def _open_swmr_reader(path: Path) -> h5py.File:
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    setter = _read_attempts_setter()
+    if setter is not None:
+        setter(fapl.id, SWMR_READ_ATTEMPTS)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
+                        fapl=fapl)
+    return h5py.File(fid)
+
+
+def _check_not_truncated(path: Path) -> None:
+    """Raise CorruptTraceError when the file is shorter than its superblock (v2+) says."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if len(head) < 12 or head[8] < 2 or head[9] not in (2, 4, 8):
+        return  # superblock v0/v1 (no SWMR) or unreadable: HDF5 itself will judge
+    size = head[9]  # base address, extension address, end-of-file address follow the flags
+    if len(head) < 12 + 3 * size:
+        raise CorruptTraceError(f"{path}: truncated HDF5 superblock")
+    base = int.from_bytes(head[12:12 + size], "little")
+    eof = int.from_bytes(head[12 + 2 * size:12 + 3 * size], "little")
+    actual = path.stat().st_size
+    if actual < base + eof:
+        raise CorruptTraceError(
+            f"{path}: truncated HDF5 file ({actual} bytes, its superblock says {base + eof})")
 
 
 class HDF5Array(StoredArray):
@@ -148,9 +208,14 @@ class HDF5Backend(Backend):
                 f = h5py.File(path, "r+")
             else:
                 try:
-                    f = h5py.File(path, "r", swmr=True)
-                except _H5_ERRORS:
                     f = h5py.File(path, "r")
+                except _H5_ERRORS:
+                    # Still flagged open for (SWMR) writing: a recording in progress, or one
+                    # whose writer was killed. Only an SWMR reader opens it, and SWMR readers
+                    # skip HDF5's truncation check; reading a truncated file that way can loop
+                    # forever inside HDF5, so check the length against the superblock first.
+                    _check_not_truncated(path)
+                    f = _open_swmr_reader(path)
         except _H5_ERRORS as exc:
             raise CorruptTraceError(f"{path}: HDF5 file cannot be opened ({exc})") from exc
         try:
@@ -254,10 +319,10 @@ class HDF5Backend(Backend):
         if bad:
             raise DisallowedCodecError(f"array {name!r} uses disallowed HDF5 filter id(s) {bad}")
         check_dtype(name, dtype)
-        if ds.is_scale:
-            dims: tuple[str, ...] = (name,)
-        else:
-            dims = tuple(d.label for d in ds.dims)
+        try:
+            dims = (name,) if ds.is_scale else tuple(d.label for d in ds.dims)
+        except _H5_ERRORS as exc:
+            raise CorruptTraceError(f"array {name!r}: unreadable dimension labels ({exc})") from exc
         raw = (not filters and ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]
                and dtype.byteorder in ("<", "=", "|"))
         arr = HDF5Array(name, ds, dims, fd=self._fd if raw else None)
