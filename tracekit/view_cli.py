@@ -75,6 +75,10 @@ def _state_options(f: Any) -> Any:
 def view(trace: Path, step: int | None, layer: int | None, head: str, token: int | None,
          view_name: str, metric: str, top_k: int, threshold: float, cache_mb: int) -> None:
     """Open a trace in the 3D viewer; press h there for the keys."""
+    if _viewer_module("_vtkenv").headless():
+        raise click.ClickException(
+            "no display to open a window on (DISPLAY is not set); write pictures with "
+            "tracekit render instead")
     app = _viewer_module("app")
     render = _viewer_module("render")
     source_mod = _viewer_module("source")

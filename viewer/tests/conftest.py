@@ -1,5 +1,11 @@
 """Fixtures of the viewer tests: small synthetic traces, an off-screen viewer, and a guard
-that fails any test during which VTK reports an error or a warning."""
+that fails any test during which VTK reports an error or a warning.
+
+``viewer/tests`` is a package (it has an ``__init__.py``) so that this module is imported as
+``tests.conftest``: ``pytest`` at the repository root also collects ``tests/``, whose modules
+``from conftest import ...`` their own conftest, which a second top-level ``conftest`` module
+would shadow.
+"""
 
 from __future__ import annotations
 

@@ -76,9 +76,10 @@ def test_help_lines():
 
 def test_view_opens_the_viewer_with_the_options(exact_trace, monkeypatch):
     """``view`` builds the viewer from its options and runs it (the window is faked)."""
-    from tracekit_viewer import app
+    from tracekit_viewer import _vtkenv, app
 
     seen = {}
+    monkeypatch.setattr(_vtkenv, "headless", lambda: False)
 
     def fake_show(self):
         seen["state"] = self.state
@@ -99,3 +100,13 @@ def _offscreen_init(init):
         kwargs.update(off_screen=True, window_size=(200, 150))
         init(self, *args, **kwargs)
     return wrapped
+
+
+def test_view_without_a_display_points_to_render(exact_trace, monkeypatch):
+    from tracekit_viewer import _vtkenv
+
+    monkeypatch.setattr(_vtkenv, "headless", lambda: True)
+    result = run("view", exact_trace)
+    assert result.exit_code == 1
+    assert result.output == ("Error: no display to open a window on (DISPLAY is not set); "
+                             "write pictures with tracekit render instead\n")

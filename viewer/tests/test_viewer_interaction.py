@@ -122,9 +122,9 @@ def test_threshold_slider_filters_arcs(viewer):
 
 
 def test_toggles_hide_and_show_actors(viewer):
+    labels = viewer.token_labels.actors[:viewer.token_labels.count] + viewer.floor_labels.actors
     for key, actors in (("a", viewer.arc_actors), ("b", [viewer.columns_actor]),
-                        ("l", [viewer.links_actor]),
-                        ("n", [viewer.token_labels.actor, viewer.floor_labels.actor])):
+                        ("l", [viewer.links_actor]), ("n", labels)):
         viewer.press(key)
         assert not any(a.GetVisibility() for a in actors), key
         viewer.press(key)

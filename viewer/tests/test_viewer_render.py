@@ -133,3 +133,16 @@ def test_parse_options():
     for bad in ("3", "a:b", "5:2"):
         with pytest.raises(ValueError):
             parse_steps(bad, 10)
+
+
+def test_the_vtk_message_guard_sees_vtk_errors():
+    """The guard every test runs under really catches what VTK reports."""
+    import vtk
+
+    from .conftest import VtkMessages
+
+    with VtkMessages() as watch:
+        reader = vtk.vtkXMLPolyDataReader()
+        reader.SetFileName("/no/such/file.vtp")
+        reader.Update()
+    assert any("Error opening file" in m for m in watch.messages)

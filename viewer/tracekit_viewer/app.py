@@ -40,8 +40,8 @@ from .scene import (
     arc_lines,
     arc_points,
     arc_style,
+    box_corners,
     box_faces,
-    box_geometry,
     camera_preset,
     colour_values,
     fit_layout,
@@ -101,50 +101,53 @@ class PickInfo:
 
 
 class _Labels:
-    """Text labels at world positions of one renderer, updated in place."""
+    """Text labels at world positions of one renderer, updated in place.
+
+    A pool of text actors sharing one text property: an actor re-rasterizes its text only
+    when the text changes (moving it is free), which costs a software renderer a fraction of
+    what a labeled-data mapper rebuilding every label each frame does.
+    """
 
     def __init__(self, renderer: Any, size: int = 11, rgb: Sequence[float] = TEXT_RGB,
                  justify: str = "center", bold: bool = False, orientation: float = 0.0,
                  vertical: str = "center") -> None:
         import vtk
 
-        self.poly = vtk.vtkPolyData()
-        self.points = vtk.vtkPoints()
-        self.strings = vtk.vtkStringArray()
-        self.strings.SetName("labels")
-        self.poly.SetPoints(self.points)
-        self.poly.GetPointData().AddArray(self.strings)
-        mapper = vtk.vtkLabeledDataMapper()
-        mapper.SetInputData(self.poly)
-        mapper.SetLabelModeToLabelFieldData()
-        mapper.SetFieldDataName("labels")
-        prop = mapper.GetLabelTextProperty()
-        prop.SetFontSize(size)
-        prop.SetColor(*rgb)
-        prop.SetBold(bold)
-        prop.SetItalic(False)
-        prop.SetShadow(False)
-        prop.SetOrientation(orientation)
-        _justify(prop, justify, vertical)
-        self.actor = vtk.vtkActor2D()
-        self.actor.SetMapper(mapper)
-        self.actor.SetPickable(False)
-        renderer.AddViewProp(self.actor)
+        self._vtk = vtk
+        self.renderer = renderer
+        self.prop = vtk.vtkTextProperty()
+        self.prop.SetFontSize(size)
+        self.prop.SetColor(*rgb)
+        self.prop.SetBold(bold)
+        self.prop.SetItalic(False)
+        self.prop.SetShadow(False)
+        self.prop.SetOrientation(orientation)
+        _justify(self.prop, justify, vertical)
+        self.actors: list[Any] = []
+        self.count = 0
+        self.shown = True
 
     def set(self, xyz: np.ndarray, texts: Sequence[str]) -> None:
-        from vtk.util.numpy_support import numpy_to_vtk
-
-        xyz = np.ascontiguousarray(np.asarray(xyz, np.float64).reshape(-1, 3))
-        self.points.SetData(numpy_to_vtk(xyz, deep=True))
-        self.strings.SetNumberOfValues(len(texts))
-        for i, t in enumerate(texts):
-            self.strings.SetValue(i, t)
-        self.strings.Modified()
-        self.points.Modified()
-        self.poly.Modified()
+        xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
+        while len(self.actors) < len(texts):
+            actor = self._vtk.vtkTextActor()
+            actor.SetTextProperty(self.prop)
+            actor.GetPositionCoordinate().SetCoordinateSystemToWorld()
+            actor.SetPickable(False)
+            self.renderer.AddViewProp(actor)
+            self.actors.append(actor)
+        self.count = len(texts)
+        for i, actor in enumerate(self.actors):
+            if i < self.count:
+                if actor.GetInput() != texts[i]:
+                    actor.SetInput(texts[i])
+                actor.GetPositionCoordinate().SetValue(*xyz[i])
+            actor.SetVisibility(self.shown and i < self.count)
 
     def visible(self, on: bool) -> None:
-        self.actor.SetVisibility(bool(on))
+        self.shown = bool(on)
+        for i, actor in enumerate(self.actors):
+            actor.SetVisibility(self.shown and i < self.count)
 
 
 class CityViewer:
@@ -450,9 +453,8 @@ class CityViewer:
         st, lay = self.state, self.layout
         lo, hi = fr.value_range
         n_floors = fr.values.shape[0]
-        pts, vals, floors = box_geometry(fr.values, fr.groups, fr.capacity, fr.n_cols, lo, hi,
-                                         lay)
-        _, first, span, _ = floor_boxes(fr.values, fr.groups, fr.capacity)
+        floors, first, span, vals = floor_boxes(fr.values, fr.groups, fr.capacity)
+        pts = box_corners(floors, first, span, vals, n_floors, fr.n_cols, lo, hi, lay)
         alpha = np.ones(len(vals)) if fr.focus is None else np.where(
             floors == fr.focus, 1.0, lay.fade_alpha)
         rgba = colour_values(vals, lo, hi, self._city_lut, alpha)

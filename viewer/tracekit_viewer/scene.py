@@ -213,12 +213,20 @@ def box_geometry(values: np.ndarray, groups: np.ndarray, capacity: int, n_cols: 
     Boxes covering no visible column collapse to a point.
     """
     floors, first, span, vals = floor_boxes(values, groups, capacity)
+    return box_corners(floors, first, span, vals, values.shape[0], n_cols, lo, hi,
+                       layout), vals, floors
+
+
+def box_corners(floors: np.ndarray, first: np.ndarray, span: np.ndarray, vals: np.ndarray,
+                n_floors: int, n_cols: int, lo: float, hi: float, layout: CityLayout
+                ) -> np.ndarray:
+    """Corners of the boxes given by :func:`floor_boxes` (see :func:`box_geometry`)."""
     covered = np.clip(n_cols - first, 0, span)
     width = np.where(covered > 0, (covered - 1) * layout.spacing + layout.box_width, 0.0)
     cx = (first + np.maximum(covered - 1, 0) / 2) * layout.spacing
     h = np.where(covered > 0, column_heights(vals, lo, hi, layout), 0.0)
-    z0 = floor_z(values.shape[0], layout)[floors]
-    return box_points(cx, z0, width, layout.box_depth, h), vals, floors
+    z0 = floor_z(n_floors, layout)[floors]
+    return box_points(cx, z0, width, layout.box_depth, h)
 
 
 # -- attention ------------------------------------------------------------------------------
