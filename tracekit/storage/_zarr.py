@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.registry
 
 from ..errors import (
     CorruptTraceError,
@@ -53,8 +54,10 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise MetadataError(f"{what}: {path.name} is {size} bytes (limit {MAX_METADATA_BYTES})")
     try:
         obj = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise MetadataError(f"{what}: {path.name} is not valid JSON ({exc})") from exc
+    except OSError as exc:  # e.g. a directory named zarr.json
+        raise MetadataError(f"{what}: {path.name} is unreadable ({exc})") from exc
     if not isinstance(obj, dict):
         raise MetadataError(f"{what}: {path.name} is not a JSON object")
     return obj
@@ -71,6 +74,52 @@ def _check_codecs(name: str, codecs: Any) -> None:
             conf = codec.get("configuration", {})
             _check_codecs(name, conf.get("codecs", []))
             _check_codecs(name, conf.get("index_codecs", []))
+
+
+# -- decompression bombs --------------------------------------------------------------------
+# zarr's compressors inflate a chunk to whatever size its bytes say: a 1 MB gzip chunk became a
+# 1 GiB allocation. These read-side variants refuse a chunk that decodes to more bytes than
+# the chunk holds, before allocating that much (gzip: bounded inflate; zstd and blosc: their
+# headers' sizes are checked against an output buffer of the chunk's size).
+def _chunk_nbytes(chunk_spec: Any) -> int:
+    return math.prod(chunk_spec.shape) * chunk_spec.dtype.to_native_dtype().itemsize
+
+
+class _BoundedGzipCodec(zarr.codecs.GzipCodec):
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        import zlib
+
+        limit = _chunk_nbytes(chunk_spec)
+        inflater = zlib.decompressobj(wbits=31)
+        out = inflater.decompress(chunk_bytes.as_numpy_array().tobytes(), limit + 1)
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise ValueError(f"gzip chunk inflates beyond the chunk's {limit} bytes")
+        return chunk_spec.prototype.buffer.from_bytes(out)
+
+
+def _decode_into_chunk(codec: Any, chunk_bytes: Any, chunk_spec: Any) -> Any:
+    """numcodecs zstd/blosc check the size in the frame header against ``out`` first."""
+    out = np.empty(_chunk_nbytes(chunk_spec), dtype=np.uint8)
+    codec.decode(chunk_bytes.as_numpy_array(), out=out)
+    return chunk_spec.prototype.buffer.from_bytes(out)
+
+
+class _BoundedZstdCodec(zarr.codecs.ZstdCodec):
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        return _decode_into_chunk(self._zstd_codec, chunk_bytes, chunk_spec)
+
+
+class _BoundedBloscCodec(zarr.codecs.BloscCodec):
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        return _decode_into_chunk(self._blosc_codec, chunk_bytes, chunk_spec)
+
+
+for _key, _cls in (("gzip", _BoundedGzipCodec), ("zstd", _BoundedZstdCodec),
+                   ("blosc", _BoundedBloscCodec)):
+    zarr.registry.register_codec(_key, _cls)
+#: Used only while tracekit opens an array; zarr's defaults stay as they are elsewhere.
+_BOUNDED_CODECS = {f"codecs.{key}": f"{cls.__module__}.{cls.__qualname__}" for key, cls in (
+    ("gzip", _BoundedGzipCodec), ("zstd", _BoundedZstdCodec), ("blosc", _BoundedBloscCodec))}
 
 
 def _direct_readable(meta: dict[str, Any]) -> bool:
@@ -233,7 +282,10 @@ class ZarrBackend(Backend):
             raise NotATraceError(f"{path}: zarr group without '{ROOT_KEY}' metadata")
         store = zarr.storage.LocalStore(str(path), read_only=not writable)
         try:
-            group = zarr.open_group(store=store, mode="r+" if writable else "r")
+            # Not the consolidated copy: every array's own zarr.json is checked against the
+            # allowlist before it is opened, and zarr must not parse unchecked array metadata.
+            group = zarr.open_group(store=store, mode="r+" if writable else "r",
+                                    use_consolidated=False)
         except Exception as exc:  # zarr raises many types for malformed groups
             raise NotATraceError(f"{path}: cannot open as zarr group ({exc})") from exc
         return cls(path, group)
@@ -288,8 +340,9 @@ class ZarrBackend(Backend):
             raise DisallowedCodecError(
                 f"array {name!r} has disallowed data type {meta.get('data_type')!r}") from exc
         try:
-            arr = zarr.open_array(store=self._group.store, path=name,
-                                  mode="r+" if not self._group.read_only else "r")
+            with zarr.config.set(_BOUNDED_CODECS):
+                arr = zarr.open_array(store=self._group.store, path=name,
+                                      mode="r+" if not self._group.read_only else "r")
             # Store every written chunk, zeros included, so a missing chunk means data loss
             # (zarr would otherwise skip all-zero chunks and read them back as fill value).
             arr = arr.with_config({"write_empty_chunks": True})
