@@ -251,7 +251,7 @@ class HDF5Backend(Backend):
             raise MetadataError(f"{self.path}: metadata attribute is not a JSON string")
         try:
             meta = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise MetadataError(f"{self.path}: metadata is not valid JSON ({exc})") from exc
         if not isinstance(meta, dict):
             raise MetadataError(f"{self.path}: metadata is not a JSON object")
@@ -302,6 +302,11 @@ class HDF5Backend(Backend):
 
     def get_array(self, name: str) -> StoredArray:
         try:
+            link = self._f.get(name, getlink=True)
+            if link is not None and not isinstance(link, h5py.HardLink):
+                # Soft and external links could point anywhere, even into other files.
+                raise DisallowedCodecError(f"array {name!r} is a {type(link).__name__}, "
+                                           f"not a dataset stored in the trace")
             ds = self._f[name]
         except KeyError as exc:
             raise MissingArrayError(f"array {name!r} is missing") from exc
@@ -312,9 +317,13 @@ class HDF5Backend(Backend):
         try:
             dcpl = ds.id.get_create_plist()
             filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+            foreign = dcpl.get_external_count() > 0 or dcpl.get_layout() == h5py.h5d.VIRTUAL
             dtype = ds.dtype
         except _H5_ERRORS as exc:
             raise CorruptTraceError(f"array {name!r}: unreadable header ({exc})") from exc
+        if foreign:  # raw data in other files: reading it could leak any file on this machine
+            raise DisallowedCodecError(f"array {name!r} keeps its data outside the trace "
+                                       f"(external or virtual storage)")
         bad = [f for f in filters if f not in ALLOWED_FILTERS]
         if bad:
             raise DisallowedCodecError(f"array {name!r} uses disallowed HDF5 filter id(s) {bad}")
