@@ -86,7 +86,7 @@ class LazyArray:
         if post:
             data = data[post]
         if self.logical_dtype == "bfloat16":
-            data = np.ascontiguousarray(data).view(self.dtype)
+            data = np.asarray(data).view(self.dtype)  # same itemsize: any strides, any ndim
         return data
 
     def _read_fancy(self, plan: tuple, axis: int) -> np.ndarray:
