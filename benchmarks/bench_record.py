@@ -3,14 +3,16 @@
 For each model and sequence length, every measurement runs in a fresh subprocess (so peak RSS is
 its own), on the same tokens, with the same (eager) attention:
 
-* plain     - the same KV-cache generation loop without recording (the baseline);
-* record    - ``tracekit record`` with the default capture (all but neurons), to zarr;
-* rec. all  - every capture group (neurons too);
-* no lens   - the default capture without the logit lens (which costs one extra unembedding
-              matmul per token: large on a CPU with a 50k vocabulary, negligible on a GPU);
-* TL        - TransformerLens 4.x ``TransformerBridge.boot_transformers`` on the same local model:
-              ``run_with_cache`` over the final tokens (one full forward, no generation) plus
-              saving the same content (residual, attn/MLP out, patterns; float16 ``np.savez``).
+* plain  - the same KV-cache generation loop without recording (the baseline);
+* core   - recording residual, attn_out, mlp_out, attention and predictions to zarr (what
+           ``tracekit record`` captures by default on a CPU when the logit lens is costly);
+* + lens - core + the logit lens (one (points x vocab) matmul per token: large on a CPU with a
+           50k vocabulary, negligible on a GPU);
+* all    - every capture group (neurons too);
+* TL     - TransformerLens 4.x ``TransformerBridge.boot_transformers`` on the same local model:
+           greedy ``generate`` with its KV cache, then ``run_with_cache`` over the final tokens
+           and saving the same content as core (residual, attn/MLP out, patterns) with float16
+           ``np.savez``.
 
 Ratios are against the plain loop measured in the same run; "growth" is peak RSS minus RSS after
 the model was loaded and warmed up. Usage::
@@ -46,6 +48,13 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, all threads (the writer's included): less sensitive than
+    wall time to other tenants of a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _reset_peak() -> None:
@@ -101,10 +110,10 @@ def worker(job: dict) -> dict:
         _plain_loop(model, ids[: PROMPT_LEN + 4])  # warm up
         base = _rss_mb()
         _reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         _plain_loop(model, ids)
-        seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "base_mb": base, "peak_mb": _peak_mb()}
+        seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+        return {"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": _peak_mb()}
     if job["kind"] == "record":
         from tracekit.recorder import Recording, discover_structure
 
@@ -118,18 +127,18 @@ def worker(job: dict) -> dict:
         _reset_peak()
         rec = Recording(model, None, input_ids=prompt, max_new_tokens=n - len(prompt),
                         stop_at_eos=False, capture=job["capture"], structure=structure)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         result = rec.run(out, overwrite=True)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu() - c0
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         shutil.rmtree(out, ignore_errors=True)
-        return {"seconds": seconds, "base_mb": base, "peak_mb": _peak_mb(),
+        return {"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": _peak_mb(),
                 "ids": result.token_ids, "disk_mb": size / 1e6}
     raise ValueError(job["kind"])
 
 
 TL_WORKER = r'''
-import json, os, sys, time
+import json, os, resource, sys, time
 import numpy as np
 import torch
 job = json.loads(sys.argv[1])
@@ -138,10 +147,14 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 from transformer_lens.model_bridge import TransformerBridge
 bridge = TransformerBridge.boot_transformers(job["model_dir"], device="cpu",
                                              dtype=torch.float32)
 tokens = torch.tensor([job["ids"]])
+prompt = tokens[:, :job["prompt_len"]]
 n_layers = bridge.cfg.n_layers
 names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
 names += [f"blocks.{n_layers - 1}.hook_resid_post"]
@@ -149,21 +162,27 @@ names += [f"blocks.{i}.{h}" for i in range(n_layers)
           for h in ("hook_attn_out", "hook_mlp_out", "attn.hook_pattern")]
 with torch.inference_mode():
     bridge.run_with_cache(tokens[:, :8], names_filter=lambda n: n in names)  # warm up
+    bridge.generate(prompt, max_new_tokens=2, do_sample=False, verbose=False)
 base = rss()
 try:
     open("/proc/self/clear_refs", "w").write("5")
 except OSError:
     pass
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), cpu()
+with torch.inference_mode():
+    bridge.generate(prompt, max_new_tokens=tokens.shape[1] - prompt.shape[1], do_sample=False,
+                    stop_at_eos=False, use_past_kv_cache=True, verbose=False)
+t1, c1 = time.perf_counter(), cpu()
 with torch.inference_mode():
     logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
 arrays = {k.replace(".", "_"): v[0].to(torch.float16).numpy() for k, v in cache.items()}
 missing = [n for n in names if n not in cache]
 np.savez(job["out"], **arrays)
-seconds = time.perf_counter() - t0
+t2, c2 = time.perf_counter(), cpu()
 size = os.path.getsize(job["out"])
 os.remove(job["out"])
-print(json.dumps({"seconds": seconds, "base_mb": base, "disk_mb": size / 1e6,
+print(json.dumps({"gen_seconds": t1 - t0, "cache_seconds": t2 - t1, "seconds": t2 - t0,
+                  "cpu": c2 - c0, "base_mb": base, "disk_mb": size / 1e6,
                   "peak_mb": [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
                               if l.startswith("VmHWM:")][0],
                   "missing": missing}))
@@ -212,7 +231,7 @@ def main() -> None:
     ap.add_argument("--worker")
     ap.add_argument("--models", default="demo,gpt2-768")
     ap.add_argument("--lengths", default="256,1024")
-    ap.add_argument("--variants", default="record,all,nolens")
+    ap.add_argument("--variants", default="core,lens,all")
     ap.add_argument("--tl-python", help="A Python with transformer-lens 4.x installed.")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--threads", type=int, default=1,
@@ -226,14 +245,10 @@ def main() -> None:
     import numpy as np
 
     from tracekit.demo import demo_model_path
-    from tracekit.format import CAPTURE_GROUPS
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tracekit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     tl_python = find_tl_python(args.tl_python)
-    default = [g for g in CAPTURE_GROUPS if g != "neurons"]
-    captures = {"record": default, "all": list(CAPTURE_GROUPS),
-                "nolens": [g for g in default if g != "logit_lens"]}
     variants = [v for v in args.variants.split(",") if v]
     rows = []
     for name in args.models.split(","):
@@ -242,67 +257,77 @@ def main() -> None:
             if not (folder / "config.json").is_file():
                 print("demo model not built yet: skipped", file=sys.stderr)
                 continue
-            context = 512
         else:
             folder = make_gpt2_768(work / "gpt2-768")
-            context = 1024
-        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        prompt = np.random.default_rng(0).integers(100, vocab, PROMPT_LEN).tolist()
+        config = json.loads((folder / "config.json").read_text())
+        context = config.get("n_positions") or config.get("max_position_embeddings") or 1024
+        prompt = np.random.default_rng(0).integers(100, config["vocab_size"],
+                                                   PROMPT_LEN).tolist()
         for length in (int(x) for x in args.lengths.split(",")):
             n = min(length, context)
-            base_job = {"model_dir": str(folder), "length": n, "prompt": prompt,
-                        "threads": args.threads,
-                        "out": str(work / "trace.zarr")}
-            row = {"model": name, "tokens": n}
-            print(f"{name} {n}: record", file=sys.stderr, flush=True)
-            row["record"] = run_worker({**base_job, "kind": "record",
-                                        "capture": captures["record"]})
-            if "error" in row["record"]:
-                print(f"  record failed: {row['record']['error']}", file=sys.stderr)
-                continue
-            ids = row["record"]["ids"]
-            print(f"{name} {n}: plain", file=sys.stderr, flush=True)
-            row["plain"] = run_worker({**base_job, "kind": "plain", "ids": ids})
+            job = {"model_dir": str(folder), "length": n, "prompt": prompt,
+                   "threads": args.threads, "out": str(work / "trace.zarr")}
+            row: dict = {"model": name, "tokens": n}
             for v in variants:
-                if v != "record":
-                    print(f"{name} {n}: {v}", file=sys.stderr, flush=True)
-                    row[v] = run_worker({**base_job, "kind": "record", "capture": captures[v]})
-            if tl_python:
-                print(f"{name} {n}: TransformerLens", file=sys.stderr, flush=True)
-                row["tl"] = run_worker({**base_job, "kind": "tl", "ids": ids,
-                                        "out": str(work / "tl_cache.npz")}, tl_python)
+                print(f"{name} {n}: {v}", file=sys.stderr, flush=True)
+                row[v] = run_worker({**job, "kind": "record", "capture": CAPTURES[v]})
+                if "ids" in row[v] and "plain" not in row:
+                    print(f"{name} {n}: plain", file=sys.stderr, flush=True)
+                    row["plain"] = run_worker({**job, "kind": "plain", "ids": row[v]["ids"]})
+                    if tl_python:
+                        print(f"{name} {n}: TransformerLens", file=sys.stderr, flush=True)
+                        row["tl"] = run_worker({**job, "kind": "tl", "ids": row[v]["ids"],
+                                                "prompt_len": PROMPT_LEN,
+                                                "out": str(work / "tl_cache.npz")}, tl_python)
             rows.append(row)
     print_table(rows, variants, tl_python)
+
+
+#: residual, attn_out, mlp_out, attention, predictions: what ``tracekit record`` captures by
+#: default on a CPU for a large vocabulary; + logit lens: its default elsewhere; all: + neurons.
+CAPTURES = {
+    "core": ["residual", "attn_out", "mlp_out", "attention", "predictions"],
+    "lens": ["residual", "attn_out", "mlp_out", "attention", "predictions", "logit_lens"],
+    "all": ["residual", "attn_out", "mlp_out", "attention", "neurons", "predictions",
+            "logit_lens"],
+}
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _ratio(a: dict, b: dict) -> str:
+    """``wall (cpu)`` ratio of a over b."""
+    if not a.get("seconds") or not b.get("seconds"):
+        return "-"
+    cpu = f" ({a['cpu'] / b['cpu']:.2f})" if a.get("cpu") and b.get("cpu") else ""
+    return f"{a['seconds'] / b['seconds']:.2f}x{cpu}"
+
+
 def print_table(rows: list[dict], variants: list[str], tl_python: str | None) -> None:
-    labels = {"record": "record", "all": "rec. all", "nolens": "no lens"}
-    head = ["model", "tokens", "plain s"]
-    for v in variants:
-        head += [f"{labels[v]} s", "x plain"]
-    head += ["TL s", "TL / record", "RSS growth MB plain / record / TL", "trace MB"]
+    labels = {"core": "core", "lens": "+ lens", "all": "all"}
+    head = ["model", "tokens", "plain s"] + [f"{labels[v]} / plain" for v in variants]
+    head += ["TL s (gen + cache&save)", "TL / core", "RSS growth MB plain / core / TL",
+             "core trace MB"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
-        plain = r["plain"].get("seconds")
-        cells = [r["model"], str(r["tokens"]), _fmt(plain)]
-        for v in variants:
-            s = r.get(v, {}).get("seconds")
-            cells += [_fmt(s), _fmt(s / plain if s and plain else None, ".2f") + "x"]
-        tl = r.get("tl", {})
-        tl_s = tl.get("seconds")
-        rec_s = r["record"].get("seconds")
-        cells += [_fmt(tl_s) if tl_s else ("n/a" if not tl_python else "error"),
-                  _fmt(tl_s / rec_s if tl_s and rec_s else None) + ("x" if tl_s else "")]
-        growth = [d.get("peak_mb", 0) - d.get("base_mb", 0) if "peak_mb" in d else None
-                  for d in (r["plain"], r["record"], tl)]
+        plain, core, tl = r.get("plain", {}), r.get(variants[0], {}), r.get("tl", {})
+        cells = [r["model"], str(r["tokens"]), _fmt(plain.get("seconds"))]
+        cells += [_ratio(r.get(v, {}), plain) for v in variants]
+        if tl.get("seconds"):
+            cells.append(f"{tl['seconds']:.2f} ({tl['gen_seconds']:.2f} + "
+                         f"{tl['cache_seconds']:.2f})")
+        else:
+            cells.append("n/a" if not tl_python else "error")
+        cells.append(_ratio(tl, core))
+        growth = [d["peak_mb"] - d["base_mb"] if "peak_mb" in d else None
+                  for d in (plain, core, tl)]
         cells.append(" / ".join(_fmt(g, ".0f") for g in growth))
-        cells.append(_fmt(r["record"].get("disk_mb"), ".1f"))
+        cells.append(_fmt(core.get("disk_mb"), ".1f"))
         print("| " + " | ".join(cells) + " |")
+    print("ratios: wall time (CPU time of all threads in parentheses)")
     for r in rows:
         for key, d in r.items():
             if isinstance(d, dict) and d.get("error"):

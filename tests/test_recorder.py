@@ -91,7 +91,7 @@ def test_trace_has_the_planned_shapes(recorded) -> None:
         assert trace.metadata["model"]["kind"] == "causal"
     else:
         assert "predictions" not in trace.captured and "logit_lens" not in trace.captured
-        assert set(run["not_applicable"]) == {"predictions", "logit_lens"}
+        assert set(run["skipped"]) == {"predictions", "logit_lens"}
 
 
 def test_prompt_residual_is_exactly_the_models_hidden_states(recorded) -> None:
@@ -348,3 +348,18 @@ def test_importing_tracekit_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_offloaded_model_is_recorded_through_accelerate_hooks(tmp_path: Path) -> None:
+    """Weights that live on ``meta`` between calls (accelerate offload, as device_map="auto"
+    does past the GPUs) are recorded like any other, and the metadata names where it ran."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("llama")
+    reference = tiny_model("llama")
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    out = tmp_path / "t.zarr"
+    record(model, None, input_ids=PROMPT, out=out, max_new_tokens=3, store_dtype="float32",
+           capture=tracekit.CAPTURE_GROUPS, stop_at_eos=False)
+    with tracekit.open(out) as t:
+        assert t.metadata["run"]["device"] == "cpu"
+        assert verify_trace(t, reference).ok

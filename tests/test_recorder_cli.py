@@ -159,3 +159,21 @@ def test_record_without_model_uses_the_demo_model(tmp_path: Path) -> None:
     with tracekit.open(out) as t:
         assert t.model["name"] == "tracekit:demo"
         assert t.tokens.texts[0].startswith("def")
+
+
+def test_costly_logit_lens_is_left_out_by_default_on_cpu(model_dir: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    from tracekit import record_cli
+
+    monkeypatch.setattr(record_cli, "LENS_CPU_BUDGET", 1000)  # the tiny model's lens: 4.9e4
+    result = run("record", model_dir, "-p", PROMPT, "-o", tmp_path / "a.zarr", "-n", "1")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[2].startswith("Capture   residual, attn_out, mlp_out, attention, predictions;")
+    assert lines[3] == ("Skipped   logit_lens (on a CPU it costs 4.9e+04 multiply-adds per token; "
+                        "add it with --capture default)")
+    with tracekit.open(tmp_path / "a.zarr") as t:
+        assert "logit_lens" not in t.captured and "logit_lens" in t.metadata["run"]["skipped"]
+    explicit = run("record", model_dir, "-p", PROMPT, "-o", tmp_path / "b.zarr", "-n", "1",
+                   "--capture", "default")
+    assert "logit_lens" in explicit.stdout.splitlines()[2]

@@ -64,7 +64,7 @@ def test_encoder_metadata_says_what_does_not_apply(float32_trace) -> None:
     assert t.n_steps == 1 and t.captured == ["residual", "attn_out", "mlp_out", "attention",
                                              "neurons"]
     run = t.metadata["run"]
-    assert run["not_applicable"] == {"predictions": "encoder without a language-model head",
+    assert run["skipped"] == {"predictions": "encoder without a language-model head",
                                      "logit_lens": "encoder without a language-model head"}
     assert run["structure"]["residual_additive"] is False  # post-norm blocks
     assert run["structure"]["neurons"] == "encoder.layer.{i}.output.dense (input)"

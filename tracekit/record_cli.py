@@ -29,6 +29,24 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
 
 
+#: The logit lens is one (points x d_model x vocab) matmul per token: negligible on a GPU, but
+#: on a CPU it can cost more than the model itself (GPT-2 small: 13 x 768 x 50257 = 5e8).
+LENS_CPU_BUDGET = 2e7
+
+
+def lens_cost(structure: Any, layers: list[int] | None) -> float:
+    """Multiply-adds per token of the logit lens over the points of ``layers``."""
+    layers = list(range(structure.n_layers)) if layers is None else layers
+    points = {p for x in layers for p in (x, x + 1)}
+    return float(len(points) * structure.d_model * structure.vocab_size)
+
+
+def _model_devices(model: Any) -> list[Any]:
+    from .recorder.recording import _devices
+
+    return _devices(model)
+
+
 def parse_size(text: str) -> int:
     """``2GB`` -> 2e9, ``512MiB`` -> 512 * 2**20, ``1000`` -> 1000 bytes."""
     m = _SIZE.match(text)
@@ -171,9 +189,10 @@ def _free_bytes(out: Path) -> int | None:
 @click.option("--store-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Stored activation dtype (auto: the model's 16-bit dtype, else float16).")
-@click.option("--capture", "capture_text", default="default", show_default=True,
-              help=f"Groups to record, comma separated: {', '.join(CAPTURE_GROUPS)}, all; "
-                   f"default is all but neurons.")
+@click.option("--capture", "capture_text",
+              help=f"Groups to record, comma separated: {', '.join(CAPTURE_GROUPS)}; 'all'; "
+                   f"'default' (all but neurons). Unset: the default, without logit_lens on a "
+                   f"CPU when it would cost over {LENS_CPU_BUDGET:.0e} multiply-adds per token.")
 @click.option("--layers", "layers_text", help="Blocks to record: 0,3,5 or 2:6 [default: all].")
 @click.option("--max-size", "max_size_text",
               help="Refuse to start when the estimated trace size is larger (e.g. 2GB).")
@@ -183,11 +202,11 @@ def _free_bytes(out: Path) -> int | None:
 def record(model: str | None, prompt: str | None, prompt_file: Path | None, out: Path,
            fmt: str | None, max_new_tokens: int, temperature: float | None, top_k: int | None,
            top_p: float | None, seed: int, ignore_eos: bool, device: str, dtype: str,
-           store_dtype: str, capture_text: str, layers_text: str | None,
+           store_dtype: str, capture_text: str | None, layers_text: str | None,
            max_size_text: str | None, force: bool, trust_remote_code: bool) -> None:
     """Stream a model's internals on a prompt into a trace."""
     text = _read_prompt(prompt, prompt_file)
-    groups = parse_capture(capture_text)
+    groups = parse_capture(capture_text or "default")
     layers = parse_layers(layers_text)
     max_size = parse_size(max_size_text) if max_size_text else None
     if out.exists() and not force:
@@ -207,11 +226,19 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
     model_dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
     if store_dtype == "auto":
         store_dtype = model_dtype if model_dtype in ("float16", "bfloat16") else "float16"
+    skipped = {}
+    if capture_text is None and "logit_lens" in groups and structure.kind == "causal":
+        cost = lens_cost(structure, _resolve_layers(layers, structure.n_layers))
+        if cost > LENS_CPU_BUDGET and all(d.type == "cpu" for d in _model_devices(lm)):
+            groups.remove("logit_lens")
+            skipped["logit_lens"] = (f"on a CPU it costs {cost:.1e} multiply-adds per token; "
+                                     f"add it with --capture default")
     rec = Recording(lm, tokenizer, prompt=text, max_new_tokens=max_new_tokens,
                     sampling=sampling, capture=groups,
                     layers=_resolve_layers(layers, structure.n_layers),
                     store_dtype=store_dtype, stop_at_eos=not ignore_eos,
                     name=model_name_for(model), structure=structure)
+    rec.skipped.update(skipped)
     fmt = fmt or ("hdf5" if out.suffix.lower() in (".h5", ".hdf5") else "zarr")
     _print_plan(rec, fmt)
     estimate = rec.estimated_bytes
@@ -267,9 +294,9 @@ def _print_plan(rec: Any, fmt: str) -> None:
         lines.append(f"Run       {where}; one forward step over {prompt_len} tokens (encoder)")
     lines.append(f"Capture   {', '.join(rec.groups)}; layers {_ranges(list(plan.layers))} "
                  f"(points {_ranges(list(plan.points))}); stored as {plan.stored_dtype}")
-    if rec.not_applicable:
+    if rec.skipped:
         reasons: dict[str, list[str]] = {}
-        for g, why in rec.not_applicable.items():
+        for g, why in rec.skipped.items():
             reasons.setdefault(why, []).append(g)
         lines.append("Skipped   " + "; ".join(f"{', '.join(g)} ({why})"
                                               for why, g in reasons.items()))

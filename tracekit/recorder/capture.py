@@ -1,10 +1,10 @@
 """Forward hooks that gather one step's activations, on whatever device each module runs.
 
-Each hook slices batch 0, computes its summaries (L2 norms, top-k attention) and casts to the
-stored dtype *on the module's device* (a torch cast is much faster than numpy's), then starts
-the copy to the host. After the forward pass :meth:`Capture.collect` waits for the copies and
-stacks the pieces into the per-step arrays :meth:`tracekit.TraceWriter.write_step` takes.
-Nothing is kept between steps, so memory does not grow with the sequence.
+Each hook only keeps a reference to its tensor (batch 0). After the forward pass
+:meth:`Capture.collect` stacks each group over layers on the device, computes the summaries (L2
+norms, top-k attention) and casts to the stored dtype there (a torch cast is much faster than
+numpy's), and copies each array to the host once: a few batched operations per step instead of
+several per layer. Nothing is kept between steps, so memory does not grow with the sequence.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ class Capture:
         self._buf: dict[tuple[str, int], Any] = {}
         self._raw: dict[int, torch.Tensor] = {}  # residual points, model dtype, for the lens
         self._calls: dict[tuple[int, int], int] = defaultdict(int)
-        self._devices: set[torch.device] = set()
         self.total_keys = 0  # keys the current step's queries can see (set by the caller)
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -124,12 +123,12 @@ class Capture:
             for key in [k for k in self._calls if k[0] == layer]:
                 del self._calls[key]
             if capture_input:
-                self._residual(layer, input_tensor(args, kwargs))
+                self._keep("residual", layer, input_tensor(args, kwargs))
         return hook
 
     def _block_out(self, point: int):
         def hook(module, args, output):
-            self._residual(point, first_tensor(output))
+            self._keep("residual", point, first_tensor(output))
         return hook
 
     def _output_hook(self, layer: int, roles: list[tuple[int, str]]):
@@ -141,85 +140,32 @@ class Capture:
                 if want != call:
                     continue
                 if role == "attention":
-                    self._attention(layer, _attention_weights(output))
+                    w = _attention_weights(output)
+                    if w is None:
+                        self._no_attention(layer)
+                    self._buf[("attention", layer)] = w.detach()[0]  # [head, query, key]
                 else:
-                    self._vector(role, layer, first_tensor(output))
+                    self._keep(role, layer, first_tensor(output))
         return hook
 
     def _neuron_hook(self, layer: int):
         def hook(module, args, kwargs):
-            x = input_tensor(args, kwargs)
-            if x is not None:
-                self._buf[("neurons", layer)] = self._host(_rows(x), x)
+            self._keep("neurons", layer, input_tensor(args, kwargs))
         return hook
 
-    # -- per-tensor processing (on the module's device) ---------------------------------------
-    def _host(self, t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """Cast to the stored dtype and start the copy to the host. A CPU tensor that still
-        shares memory with the model's own tensor is cloned: the model may reuse it."""
-        t = t.to(self.dtype)
-        if t.device.type == "cpu":
-            if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-                t = t.clone()
-            return t
-        self._devices.add(t.device)
-        return t.to("cpu", non_blocking=True)
+    def _keep(self, role: str, index: int, t: torch.Tensor | None) -> None:
+        # Only a reference: all the work happens once per step in collect(), batched over
+        # layers. transformers does not modify activations in place (autograd would refuse it
+        # in training), and the architecture tests compare every family with a fresh forward.
+        if t is not None:
+            self._buf[(role, index)] = _rows(t)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        n = torch.linalg.vector_norm(x.float(), dim=-1)
-        if n.device.type != "cpu":
-            self._devices.add(n.device)
-            return n.to("cpu", non_blocking=True)
-        return n
-
-    def _residual(self, point: int, t: torch.Tensor | None) -> None:
-        if t is None:
-            return
-        x = _rows(t)
-        if self.keep_raw:
-            self._raw[point] = x
-        if "residual" in self.groups:
-            self._buf[("residual", point)] = self._host(x, t)
-            self._buf[("residual_norm", point)] = self._norm(x)
-
-    def _vector(self, role: str, layer: int, t: torch.Tensor | None) -> None:
-        if t is None:
-            return
-        x = _rows(t)
-        self._buf[(role, layer)] = self._host(x, t)
-        self._buf[(f"{role}_norm", layer)] = self._norm(x)
-
-    def _attention(self, layer: int, w: torch.Tensor | None) -> None:
-        if w is None:
-            impl = getattr(getattr(self.structure.model, "config", None),
-                           "_attn_implementation", None)
-            raise RecorderError(
-                f"block {layer}: the attention module returned no attention pattern with "
-                f"attn_implementation={impl!r}; attention capture needs 'eager'")
-        w = w.detach()[0].transpose(0, 1)  # [query, head, key]
-        keys = w.shape[-1]
-        total = self.total_keys or keys
-        if keys < total:  # a sliding-window cache keeps only the most recent keys
-            w = torch.nn.functional.pad(w, (total - keys, 0))
-        elif keys > total:  # a cache with room to spare: keys past the sequence are empty
-            w = w[..., :total]
-        kk = min(self.attention_top_k, w.shape[-1])
-        vals, idx = torch.topk(w.float(), kk, dim=-1)
-        idx = torch.where(vals > 0, idx, torch.full_like(idx, -1)).to(torch.int32)
-        vals = torch.where(vals > 0, vals, torch.zeros_like(vals))
-        if kk < self.attention_top_k:
-            pad = self.attention_top_k - kk
-            idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
-            vals = torch.nn.functional.pad(vals, (0, pad))
-        self._buf[("attention", layer)] = self._host(w, w)
-        self._buf[("attention_top_keys", layer)] = self._to_cpu(idx)
-        self._buf[("attention_top_weights", layer)] = self._to_cpu(vals)
-
-    def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu":
-            return t
-        self._devices.add(t.device)
-        return t.to("cpu", non_blocking=True)
+    def _no_attention(self, layer: int) -> None:
+        impl = getattr(getattr(self.structure.model, "config", None), "_attn_implementation",
+                       None)
+        raise RecorderError(
+            f"block {layer}: the attention module returned no attention pattern with "
+            f"attn_implementation={impl!r}; attention capture needs 'eager'")
 
     # -- per step -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -228,53 +174,104 @@ class Capture:
         self._calls.clear()
 
     def _stack(self, name: str, keys: Iterable[int]) -> torch.Tensor:
+        """The captured tensors of ``name`` for ``keys`` stacked on axis 1, on the device of
+        the first (a model spread over devices moves the others there)."""
         try:
-            return torch.stack([self._buf[(name, k)] for k in keys], dim=1)
+            parts = [self._buf[(name, k)] for k in keys]
         except KeyError as exc:
             raise RecorderError(
                 f"no {name} was captured for layer/point {exc.args[0][1]} in this step "
                 f"(the module's hook did not run)") from exc
+        device = parts[0].device
+        return torch.stack([p if p.device == device else p.to(device) for p in parts], dim=1)
+
+    def _vectors(self, name: str, keys: Iterable[int], out: dict[str, torch.Tensor],
+                 with_norm: bool = True) -> torch.Tensor:
+        """Stack, norm (float32) and cast on the device; then one copy each to the host."""
+        x = self._stack(name, keys)
+        if with_norm:
+            out[f"{name}_norm"] = torch.linalg.vector_norm(x.float(), dim=-1).cpu()
+        out[name] = x.to(self.dtype).cpu()  # x is a fresh stack, never the model's memory
+        return x
+
+    def _attention_arrays(self, out: dict[str, torch.Tensor]) -> None:
+        total = self.total_keys
+        parts = []
+        for layer in self.layers:
+            w = self._buf.get(("attention", layer))
+            if w is None:
+                raise RecorderError(f"no attention was captured for layer {layer} in this step")
+            keys = w.shape[-1]
+            if total and keys < total:  # a sliding-window cache keeps only the latest keys
+                w = torch.nn.functional.pad(w, (total - keys, 0))
+            elif total and keys > total:  # a cache with spare room: keys past the sequence
+                w = w[..., :total]
+            parts.append(w if not parts or w.device == parts[0].device
+                         else w.to(parts[0].device))
+        w = torch.stack(parts).permute(2, 0, 1, 3)  # [query, layer, head, key]
+        kk = min(self.attention_top_k, w.shape[-1])
+        vals, idx = torch.topk(w.float(), kk, dim=-1)
+        empty = vals <= 0
+        idx = idx.masked_fill(empty, -1).to(torch.int32)
+        vals = vals.masked_fill(empty, 0.0)
+        if kk < self.attention_top_k:
+            pad = self.attention_top_k - kk
+            idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+            vals = torch.nn.functional.pad(vals, (0, pad))
+        out["attention"] = w.to(self.dtype).contiguous().cpu()
+        out["attention_top_keys"] = idx.cpu()
+        out["attention_top_weights"] = vals.cpu()
 
     def collect(self, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """This step's arrays as CPU tensors, keyed like ``write_step``'s arrays."""
-        for device in self._devices:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
         groups = self.groups
         out: dict[str, torch.Tensor] = {}
+        residual = None
         if "residual" in groups:
-            out["residual"] = self._stack("residual", self.points)
-            out["residual_norm"] = self._stack("residual_norm", self.points)
+            residual = self._vectors("residual", self.points, out)
+        elif self.keep_raw:
+            residual = self._stack("residual", self.points)
+        if self.keep_raw and residual is not None:
+            self._raw = {p: residual[:, j] for j, p in enumerate(self.points)}
         for role in ("attn_out", "mlp_out"):
             if role in groups:
-                out[role] = self._stack(role, self.layers)
-                out[f"{role}_norm"] = self._stack(f"{role}_norm", self.layers)
+                self._vectors(role, self.layers, out)
         if "attention" in groups:
-            out["attention"] = self._stack("attention", self.layers)
-            out["attention_top_keys"] = self._stack("attention_top_keys", self.layers)
-            out["attention_top_weights"] = self._stack("attention_top_weights", self.layers)
+            self._attention_arrays(out)
         if "neurons" in groups:
-            out["neurons"] = self._stack("neurons", self.layers)
-        if "predictions" in groups:
-            if logits is None:
-                raise RecorderError("the model returned no logits to record predictions from")
+            self._vectors("neurons", self.layers, out, with_norm=False)
+        top = None
+        if logits is not None and ("predictions" in groups or "logit_lens" in groups):
             lp = torch.log_softmax(logits.detach()[0].float(), dim=-1)
             vals, ids = torch.topk(lp, self.top_k, dim=-1)
-            out["top_ids"] = ids.to(torch.int32).cpu()
-            out["top_logprobs"] = vals.cpu()
+            top = (ids.to(torch.int32).cpu(), vals.cpu())
+        if "predictions" in groups:
+            if top is None:
+                raise RecorderError("the model returned no logits to record predictions from")
+            out["top_ids"], out["top_logprobs"] = top
         if "logit_lens" in groups:
-            # All points of all new positions in one batch: a CPU matmul against the
-            # unembedding reads its (large) weight once per block instead of once per point.
-            missing = [p for p in self.points if p not in self._raw]
-            if missing:
-                raise RecorderError(f"no residual stream was captured at point {missing[0]}")
-            device = self._lens_device()
-            stacked = torch.stack([self._raw[p].to(device) for p in self.points], dim=1)
-            n, n_points = stacked.shape[:2]
-            ids, lps = self.lens_top_k(stacked.reshape(n * n_points, -1))
-            out["lens_ids"] = ids.reshape(n, n_points, -1)
-            out["lens_logprobs"] = lps.reshape(n, n_points, -1)
+            out["lens_ids"], out["lens_logprobs"] = self._lens(residual, top)
         return out
+
+    def _lens(self, residual: torch.Tensor, top: tuple | None) -> tuple[torch.Tensor, ...]:
+        """Top-k of the logit lens at every point. All points of all new positions go through
+        one batched matmul (on a CPU it reads the large unembedding once, not once per point).
+        The last point is the model's own output: when the lens reproduces the logits exactly,
+        its row is the predictions' top-k, saving one more row of the matmul."""
+        n, n_points = residual.shape[:2]
+        last = self.structure.n_layers
+        reuse = (top is not None and self.structure.lens_exact and self.points[-1] == last
+                 and top[0].shape[0] == n)
+        decode = residual[:, :-1] if reuse else residual
+        parts_ids, parts_lp = [], []
+        if decode.shape[1]:
+            ids, lps = self.lens_top_k(decode.reshape(n * decode.shape[1], -1))
+            parts_ids.append(ids.reshape(n, decode.shape[1], -1))
+            parts_lp.append(lps.reshape(n, decode.shape[1], -1))
+        if reuse:
+            parts_ids.append(top[0][:, None])
+            parts_lp.append(top[1][:, None])
+        return torch.cat(parts_ids, dim=1), torch.cat(parts_lp, dim=1)
 
     def lens_log_softmax_blocks(self, x: torch.Tensor):
         """Yield ``(start, log_softmax(lens logits))`` over blocks of positions of ``x``."""

@@ -131,9 +131,17 @@ class RecordResult:
 
 
 def _devices(model: torch.nn.Module) -> list[torch.device]:
+    """Where the model computes: its parameters' devices, and the execution devices of
+    accelerate's hooks for offloaded weights (which sit on ``meta`` between calls)."""
     seen: dict[str, torch.device] = {}
     for p in model.parameters():
-        seen.setdefault(str(p.device), p.device)
+        if p.device.type != "meta":
+            seen.setdefault(str(p.device), p.device)
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            device = torch.device(device) if not isinstance(device, torch.device) else device
+            seen.setdefault(str(device), device)
     return list(seen.values()) or [torch.device("cpu")]
 
 
@@ -177,7 +185,7 @@ class Recording:
     ``prompt`` is text (needs ``tokenizer``) or ``input_ids`` a list of ids. ``capture`` names
     the groups to record; groups that do not apply to the model (predictions and logit lens on
     an encoder, neurons on a mixture of experts) are left out and listed in
-    :attr:`not_applicable`. ``layers`` selects blocks (default: all).
+    :attr:`skipped` with the reason. ``layers`` selects blocks (default: all).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *,
@@ -210,18 +218,18 @@ class Recording:
             raise RecorderError(f"unknown capture group(s) {', '.join(sorted(unknown))}; "
                                 f"known: {', '.join(CAPTURE_GROUPS)}")
         groups = [g for g in CAPTURE_GROUPS if g in set(capture)]
-        self.not_applicable: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
         if s.kind == "encoder":
             for g in ("predictions", "logit_lens"):
                 if g in groups:
-                    self.not_applicable[g] = "encoder without a language-model head"
+                    self.skipped[g] = "encoder without a language-model head"
         if "neurons" in groups and (s.d_mlp is None
                                     or any(b.mlp_down is None for b in s.blocks)):
-            self.not_applicable["neurons"] = "no single MLP output projection per block"
-        groups = [g for g in groups if g not in self.not_applicable]
+            self.skipped["neurons"] = "no single MLP output projection per block"
+        groups = [g for g in groups if g not in self.skipped]
         if not groups:
             raise RecorderError("nothing to capture: every selected group is not applicable "
-                                f"to this model ({', '.join(self.not_applicable)})")
+                                f"to this model ({', '.join(self.skipped)})")
         self.groups = tuple(groups)
 
         outside = [i for i in self.prompt_ids if not 0 <= i < s.vocab_size]
@@ -279,7 +287,7 @@ class Recording:
             "attn_implementation": attn_implementation,
             "tokenizer": getattr(self.tokenizer, "name_or_path", None),
             "structure": self.structure.describe(),
-            "not_applicable": dict(self.not_applicable),
+            "skipped": dict(self.skipped),
             "notes": list(self.structure.notes),
         }
 
