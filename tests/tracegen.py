@@ -30,11 +30,6 @@ from tracekit.storage import Backend
 #: Wall-clock time of step 0; step i is ``STEP_TIME_0 + 0.5 * i`` (exact in float64).
 STEP_TIME_0 = 1_700_000_000.0
 
-#: Groups the writer derives summaries from; the rest of STEP_INPUTS are raw data.
-SUMMARY_ARRAYS = ("residual_norm", "residual_range", "attn_out_norm", "attn_out_range",
-                  "mlp_out_norm", "mlp_out_range", "neurons_range", "attention_top_keys",
-                  "attention_top_weights")
-
 
 def small_model(n_layers: int = 3, d_model: int = 8, n_heads: int = 2, d_mlp: int = 12,
                 vocab_size: int = 500) -> ModelInfo:
@@ -199,7 +194,7 @@ def expected_contents(plan: TracePlan, seed: int, n_positions: int,
     L, H, D = dims["layer"], dims["head"], dims["hidden"]
     for name, shape in (("residual", (dims["point"], D)), ("attn_out", (L, D)),
                         ("mlp_out", (L, D)), ("neurons", (L, dims["neuron"]))):
-        if rows and name in rows[0] or (not rows and _group_of(name) in plan.captured):
+        if _group_of(name) in plan.captured:
             arrays[name] = stored_values(stack(name, shape, np.float32), dt)
     for name, shape, dtype in (("top_ids", (dims["rank"],), np.int32),
                                ("top_logprobs", (dims["rank"],), np.float32),
