@@ -58,13 +58,7 @@ def outcome(path: Path) -> tuple[BaseException | None, list[warnings.WarningMess
 
 #: Cases where ``validate`` raises the TraceError instead of reporting it (tracekit/validate.py
 #: reads coordinates and the step/token tables outside its try blocks). Remove when fixed.
-VALIDATE_RAISES = {"zarr-coordinate-chunk-truncated", "zarr-step-table-chunk-truncated",
-                   "zarr-token-table-chunk-truncated"}
-_VALIDATE_BUG = pytest.mark.xfail(reason="validate raises instead of returning the problem",
-                                  strict=False, raises=TraceError)
-CASES = [pytest.param(case, id=case.name,
-                      marks=[_VALIDATE_BUG] if case.name in VALIDATE_RAISES else [])
-         for case in ALL_CASES]
+CASES = [pytest.param(case, id=case.name) for case in ALL_CASES]
 
 
 @pytest.mark.parametrize("case", CASES)

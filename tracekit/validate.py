@@ -43,12 +43,20 @@ def validate(path: str | os.PathLike[str], *, quick: bool = False,
         backend.close()
         return problems or [str(exc)]
     with trace:
-        problems += _check_arrays(trace)
-        if not problems:
-            problems += _check_tables(trace)
+        for check in (_check_arrays, _check_tables):
+            if not problems:
+                problems += _guarded(check, trace)
         if not problems:
             problems += _check_chunks(trace, quick, progress)
     return problems
+
+
+def _guarded(check: Callable[[Trace], list[str]], trace: Trace) -> list[str]:
+    """Run a check; a structure too broken to check further is itself the problem."""
+    try:
+        return check(trace)
+    except TraceError as exc:
+        return [str(exc)]
 
 
 def _check_arrays(trace: Trace) -> list[str]:
