@@ -101,7 +101,10 @@ def _plain_loop(model, ids: list[int]) -> None:
 def worker(job: dict) -> dict:
     import torch
 
+    from tracekit.recorder.recording import limit_heap_fragmentation
+
     torch.set_num_threads(job["threads"])
+    limit_heap_fragmentation()  # as ``tracekit record`` does; for plain runs too, to be fair
     model = _load(job["model_dir"])
     n = job["length"]
     prompt = job["prompt"]
@@ -143,6 +146,8 @@ import numpy as np
 import torch
 job = json.loads(sys.argv[1])
 torch.set_num_threads(job["threads"])
+import ctypes
+ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # as the tracekit runs, to be fair
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):

@@ -177,3 +177,24 @@ def test_costly_logit_lens_is_left_out_by_default_on_cpu(model_dir: Path, tmp_pa
     explicit = run("record", model_dir, "-p", PROMPT, "-o", tmp_path / "b.zarr", "-n", "1",
                    "--capture", "default")
     assert "logit_lens" in explicit.stdout.splitlines()[2]
+
+
+def test_ctrl_c_keeps_what_was_recorded(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from tracekit.recorder.capture import Capture
+
+    collect, calls = Capture.collect, {"n": 0}
+
+    def interrupted(self, logits):  # Ctrl-C during the 4th step
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return collect(self, logits)
+
+    monkeypatch.setattr(Capture, "collect", interrupted)
+    out = tmp_path / "t.zarr"
+    result = run("record", model_dir, "-p", PROMPT, "-o", out, "-n", "10")
+    assert result.exit_code == 130
+    with tracekit.open(out) as t:
+        assert t.status == "aborted" and t.n_steps == 3
+        assert result.stderr == (f"Interrupted: {out} keeps the {t.n_positions} positions "
+                                 f"recorded so far (status aborted)\n")

@@ -214,6 +214,9 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
 
     from .recorder import Recording, Sampling, load_model
     from .recorder.loading import model_name_for
+    from .recorder.recording import limit_heap_fragmentation
+
+    limit_heap_fragmentation()  # flat memory while attention rows grow step by step
 
     with _status(f"Loading {model or 'the demo model'}"):
         lm, tokenizer = load_model(model, device=device, dtype=dtype,

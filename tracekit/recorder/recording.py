@@ -27,6 +27,7 @@ from .tokens import token_bytes
 
 __all__ = [
     "DEFAULT_CAPTURE",
+    "limit_heap_fragmentation",
     "RecordResult",
     "Recording",
     "Sampling",
@@ -374,6 +375,22 @@ class Recording:
                 ids.append(token)
                 new_ids = [token]
         return ids, step + 1
+
+
+def limit_heap_fragmentation(threshold: int = 128 << 10) -> bool:
+    """Serve allocations above ``threshold`` bytes with mmap, returned to the OS when freed.
+
+    glibc raises its mmap threshold to the size of the largest block freed so far; attention
+    rows grow by one key per step, so without this each step's arrays land in the heap at a new
+    size and fragment it (RSS grew ~100 KB per token at 1024 keys). A process-wide setting:
+    ``tracekit record`` calls it; library users may. Returns False where unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _get(output: Any, *keys: str) -> Any:
