@@ -163,7 +163,7 @@ class HDF5Array(StoredArray):
         tail = (0,) * (len(self.dims) - 1)
         for ci in range(rows[0] // c, rows[1] // c):
             part = data[ci * c - rows[0]: (ci + 1) * c - rows[0]]
-            self._ds.id.write_direct_chunk((ci * c, *tail), part.tobytes())
+            self._ds.id.write_direct_chunk((ci * c, *tail), part)
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._ds.resize(shape)
