@@ -1,0 +1,485 @@
+"""Train tracekit's embedded demo model: a tiny GPT-2 trained on Python's own stdlib source.
+
+The result is written in Hugging Face format (config.json, model.safetensors,
+generation_config.json, tokenizer.json, tokenizer_config.json) plus MODEL_CARD.md, so that
+
+    AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    AutoTokenizer.from_pretrained(path)
+
+work offline. Everything is seeded and the data order is deterministic; the training corpus is
+the sorted top-level ``*.py`` modules of the running interpreter's standard library (no test
+packages), so the same Python version, torch version and thread count reproduce the same model.
+
+Usage::
+
+    python scripts/train_demo_model.py                 # writes tracekit/demo_model
+    python scripts/train_demo_model.py --out /tmp/m --steps 200 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import math
+import platform
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+EOT = "<|endoftext|>"
+HELDOUT_EVERY = 20  # every 20th file (sorted order, starting at index 0) is held out
+
+
+def corpus_files() -> list[Path]:
+    """Sorted top-level stdlib modules; no test modules, no packages, no site-packages."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for f in sorted(stdlib.glob("*.py")):
+        name = f.name.lower()
+        if name.startswith("test") or name.startswith("_test") or "test_" in name:
+            continue
+        files.append(f)
+    return files
+
+
+def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    held = [f for i, f in enumerate(files) if i % HELDOUT_EVERY == 0]
+    train = [f for i, f in enumerate(files) if i % HELDOUT_EVERY != 0]
+    return train, held
+
+
+def read_text(f: Path) -> str:
+    return f.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:
+    eot = tok.token_to_id(EOT)
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def eval_loss(model, data: torch.Tensor, seq_len: int, batch: int, max_windows: int) -> float:
+    """Mean next-token loss over non-overlapping windows of ``data`` (deterministic)."""
+    model.eval()
+    n = min(max_windows, (len(data) - 1) // seq_len)
+    starts = torch.arange(n) * seq_len
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        s = starts[i : i + batch]
+        x = torch.stack([data[j : j + seq_len] for j in s])
+        y = torch.stack([data[j + 1 : j + 1 + seq_len] for j in s])
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def make_optimizers(model: GPT2LMHeadModel, args) -> list[torch.optim.Optimizer]:
+    """Embeddings get a high AdamW lr (so the learned positions form fast); block matrices get
+    Muon (or AdamW); biases and LayerNorm parameters AdamW. No weight decay (a short run)."""
+    embed = [model.transformer.wte.weight, model.transformer.wpe.weight]
+    embed_ids = {id(p) for p in embed}
+    rest = [p for p in model.parameters() if id(p) not in embed_ids]
+    mats = [p for p in rest if p.dim() == 2]
+    vecs = [p for p in rest if p.dim() < 2]
+    adam_groups = [{"params": embed, "lr": args.embed_lr}, {"params": vecs, "lr": args.lr}]
+    opts: list[torch.optim.Optimizer] = []
+    if args.optimizer == "muon":
+        opts.append(torch.optim.Muon(mats, lr=args.muon_lr, weight_decay=0.0))
+    else:
+        adam_groups.append({"params": mats, "lr": args.lr})
+    opts.append(torch.optim.AdamW(adam_groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
+    for opt in opts:
+        for g in opt.param_groups:
+            g["peak_lr"] = g["lr"]
+    return opts
+
+
+def load_analysis():
+    path = Path(__file__).resolve().parent / "analyze_demo_heads.py"
+    spec = importlib.util.spec_from_file_location("analyze_demo_heads", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "tracekit" / "demo_model")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="adamw: AdamW on all; muon: torch.optim.Muon on the blocks' matrices, "
+                   "AdamW on the rest (better per step, but its bfloat16 Newton-Schulz is slow "
+                   "on CPUs without native bf16)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="AdamW peak lr (biases, LayerNorms; with --optimizer adamw also matrices)")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon peak lr")
+    p.add_argument("--embed-lr", type=float, default=0.1,
+                   help="AdamW peak lr of the (tied) token and the position embeddings")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-positions", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (the exact weights depend on it)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype the weights are stored in")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--no-card", action="store_true", help="skip head analysis and MODEL_CARD.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    t_start = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+
+    # ---- data -------------------------------------------------------------------------------
+    files = corpus_files()
+    train_files, held_files = split_files(files)
+    train_texts = [read_text(f) for f in train_files]
+    held_texts = [read_text(f) for f in held_files]
+    train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
+    held_bytes = sum(len(t.encode("utf-8")) for t in held_texts)
+    digest = hashlib.sha256()
+    for f, t in zip(train_files + held_files, train_texts + held_texts, strict=True):
+        digest.update(f.name.encode() + b"\0" + t.encode("utf-8") + b"\0")
+    print(f"corpus: {len(train_files)} train files ({train_bytes:,} bytes), "
+          f"{len(held_files)} held-out files ({held_bytes:,} bytes), "
+          f"sha256 {digest.hexdigest()[:16]}")
+
+    tok = train_tokenizer(train_texts, args.vocab_size)
+    eot_id = tok.token_to_id(EOT)
+    train_ids = torch.from_numpy(encode_corpus(tok, train_texts))
+    held_ids = torch.from_numpy(encode_corpus(tok, held_texts))
+    print(f"tokenizer: vocab {tok.get_vocab_size()}, train tokens {len(train_ids):,}, "
+          f"held-out tokens {len(held_ids):,} ({train_bytes / len(train_ids):.2f} bytes/token)")
+
+    # ---- model ------------------------------------------------------------------------------
+    config = GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=args.n_positions,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: GPT-2 {args.n_layer}L/{args.n_head}H/{args.n_embd}d, {n_params:,} parameters")
+
+    opts = make_optimizers(model, args)
+    gen = torch.Generator().manual_seed(args.seed)
+    max_start = len(train_ids) - args.seq_len - 1
+
+    # ---- train ------------------------------------------------------------------------------
+    model.train()
+    t_train = time.time()
+    cpu_train = time.process_time()
+    recent: list[float] = []
+    for step in range(args.steps):
+        factor = lr_at(step, args.steps, 1.0, args.warmup)
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["peak_lr"] * factor
+        starts = torch.randint(0, max_start + 1, (args.batch,), generator=gen)
+        x = torch.stack([train_ids[s : s + args.seq_len] for s in starts])
+        y = torch.stack([train_ids[s + 1 : s + 1 + args.seq_len] for s in starts])
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in opts:
+            opt.step()
+        recent.append(loss.item())
+        recent = recent[-args.log_every:]
+        if step % args.log_every == 0 or step == args.steps - 1:
+            avg = sum(recent) / len(recent)
+            print(f"step {step:5d}  loss {loss.item():.4f}  avg{len(recent)} {avg:.4f}  "
+                  f"lr x{factor:.3f}  {time.time() - t_train:6.1f}s", flush=True)
+    train_wall = time.time() - t_train
+    train_cpu = time.process_time() - cpu_train
+    final_train_avg = sum(recent) / len(recent)
+
+    train_eval = eval_loss(model, train_ids, args.seq_len, 64, max_windows=256)
+    held_eval = eval_loss(model, held_ids, args.seq_len, 64, max_windows=10**9)
+    print(f"train loss (256 windows of {args.seq_len}) {train_eval:.4f}; "
+          f"held-out loss ({(len(held_ids) - 1) // args.seq_len} windows) {held_eval:.4f} "
+          f"(ppl {math.exp(held_eval):.2f}); training wall time {train_wall:.1f}s")
+
+    # ---- save -------------------------------------------------------------------------------
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "pytorch_model.bin", "config.json", "generation_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "MODEL_CARD.md"):
+        (out / name).unlink(missing_ok=True)
+    model.eval()
+    model.generation_config.bos_token_id = eot_id
+    model.generation_config.eos_token_id = eot_id
+    model.generation_config.pad_token_id = eot_id
+    save_model = model.to(torch.float16) if args.dtype == "float16" else model
+    save_model.save_pretrained(out)
+    model = model.float()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT,
+        model_max_length=args.n_positions,
+    )
+    hf_tok.save_pretrained(out)
+    print(f"saved to {out} ({folder_bytes(out):,} bytes)")
+
+    if args.no_card:
+        return 0
+
+    # ---- reload exactly as users will, analyse, write the card -------------------------------
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    t = AutoTokenizer.from_pretrained(out)
+    m.eval()
+    prompt = "def fibonacci(n):"
+    enc = t(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen_ids = m.generate(**enc, max_new_tokens=80, do_sample=False, pad_token_id=eot_id)
+    sample = t.decode(gen_ids[0], skip_special_tokens=False)
+    print("greedy sample:\n" + sample)
+
+    analysis = load_analysis()
+    scores = analysis.head_scores(m, t, seed=args.seed)
+    table = analysis.format_table(scores)
+    print(table)
+
+    reload_held = eval_loss(m, held_ids, args.seq_len, 64, max_windows=10**9)
+    total_wall = time.time() - t_start
+    size = folder_bytes(out)  # without the card
+    card = render_card(
+        args=args, n_params=n_params, config=config, tok=tok, train_files=train_files,
+        held_files=held_files, train_bytes=train_bytes, held_bytes=held_bytes,
+        train_tokens=len(train_ids), held_tokens=len(held_ids), digest=digest.hexdigest(),
+        train_wall=train_wall, train_cpu=train_cpu, total_wall=total_wall,
+        final_train_avg=final_train_avg,
+        train_eval=train_eval, held_eval=held_eval, reload_held=reload_held, sample=sample,
+        scores=scores, table=table, analysis=analysis, size=size,
+    )
+    (out / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    print(f"wrote {out / 'MODEL_CARD.md'}; folder {folder_bytes(out):,} bytes; "
+          f"total wall {total_wall:.1f}s")
+    return 0
+
+
+def render_card(*, args, n_params, config, tok, train_files, held_files, train_bytes,
+                held_bytes, train_tokens, held_tokens, digest, train_wall, train_cpu,
+                total_wall, final_train_avg, train_eval, held_eval, reload_held, sample, scores,
+                table, analysis, size) -> str:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    fmt = ", ".join
+    top = analysis.top_heads
+    prev_line = fmt(f"L{la}H{h} {v:.2f}" for la, h, v in top(scores, "prev_token", 5))
+    ind_line = fmt(f"L{la}H{h} {v:.2f}" for la, h, v in top(scores, "induction", 5))
+    held_names = fmt(f"`{f.name}`" for f in held_files)
+    text_modules = fmt(f"`{n}`" for n in analysis.TEXT_MODULES)
+    n_files = len(train_files) + len(held_files)
+    step_tokens = args.batch * args.seq_len
+    all_tokens = args.steps * step_tokens
+    versions = (f"Python {platform.python_version()}, torch {torch.__version__}, "
+                f"transformers {transformers.__version__}, "
+                f"tokenizers {__import__('tokenizers').__version__}")
+    if args.optimizer == "muon":
+        optim = (f"`torch.optim.Muon` (lr {args.muon_lr:g}) on the blocks' weight matrices; "
+                 f"AdamW (betas 0.9, 0.95) on embeddings (lr {args.embed_lr:g}) and on "
+                 f"biases/LayerNorms (lr {args.lr:g})")
+    else:
+        optim = (f"AdamW (betas 0.9, 0.95): embeddings lr {args.embed_lr:g}, "
+                 f"everything else lr {args.lr:g}")
+    cmd = (f"python scripts/train_demo_model.py --steps {args.steps} --seed {args.seed} "
+           f"--threads {args.threads}")
+    defaults = main_defaults()
+    for name in ("batch", "seq_len", "optimizer", "lr", "muon_lr", "embed_lr", "warmup",
+                 "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "dtype"):
+        if getattr(args, name) != defaults[name]:
+            cmd += f" --{name.replace('_', '-')} {getattr(args, name)}"
+    last = min(args.log_every, args.steps)
+    return f"""# tracekit demo model
+
+A tiny GPT-2 (`GPT2LMHeadModel`) that tracekit trains itself, on the Python standard library's
+own source, so every machine can rebuild it offline. It is package data
+(`tracekit.demo.demo_model_path()`), for examples and tests of recording and viewing. It is a
+toy: it writes Python-looking text, not working Python.
+
+Load it with `AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")` and
+`AutoTokenizer.from_pretrained(path)`.
+
+## Architecture
+
+| | |
+|---|---|
+| class | `GPT2LMHeadModel` (`model_type: gpt2`), pre-LayerNorm, GELU, learned positions |
+| layers x heads | {config.n_layer} x {config.n_head} (head dim {config.n_embd // config.n_head}) |
+| width | {config.n_embd} (MLP {4 * config.n_embd}) |
+| context (`n_positions`) | {config.n_positions} |
+| vocabulary | {config.vocab_size} |
+| embeddings | input and output tied |
+| parameters | {n_params:,} |
+| stored dtype | {args.dtype} (`model.safetensors`) |
+| folder size | {size / 1e6:.1f} MB |
+
+## Tokenizer
+
+Byte-level BPE trained with `tokenizers` on the training files only: ByteLevel pre-tokenizer
+(no prefix space) and decoder, {tok.get_vocab_size()} tokens including the one special token
+`<|endoftext|>` (id {tok.token_to_id(EOT)}), which is bos, eos, pad and unk. The training files
+average {train_bytes / train_tokens:.2f} bytes per token.
+
+## Training data
+
+The top-level `*.py` modules of the Python {platform.python_version()} standard library
+(`sysconfig.get_paths()["stdlib"]`, i.e. `.../{stdlib.parent.name}/{stdlib.name}/*.py`),
+sorted by name. Packages (subdirectories: `test/`, `idlelib/`, `site-packages/`, ...) are not
+used, and names starting with `test` are skipped. Of the {n_files} files, every
+{HELDOUT_EVERY}th (index 0, {HELDOUT_EVERY}, ...) is held out.
+
+- train: {len(train_files)} files, {train_bytes:,} bytes, {train_tokens:,} tokens
+- held out: {len(held_files)} files, {held_bytes:,} bytes, {held_tokens:,} tokens:
+  {held_names}
+- sha256 over (name, text) of all files in order: `{digest}`
+
+Files are joined with `<|endoftext|>`.
+
+## Training
+
+| | |
+|---|---|
+| steps | {args.steps} |
+| batch x sequence length | {args.batch} x {args.seq_len} ({step_tokens:,} tokens/step) |
+| tokens seen | {all_tokens:,} ({all_tokens / train_tokens:.2f} epochs) |
+| data order | random windows from `torch.Generator().manual_seed({args.seed})` |
+| optimizer | {optim}; no weight decay; grad-norm clip 1.0 |
+| schedule | linear warmup {args.warmup} steps, cosine to 10% of peak |
+| dropout | none |
+| seed | {args.seed} (`random`, `numpy`, `torch.manual_seed`); deterministic algorithms on |
+| hardware | CPU, {args.threads} torch thread(s) |
+| time | {train_wall:.0f} s wall ({train_cpu:.0f} s CPU) training; {total_wall:.0f} s wall in all |
+| versions | {versions} |
+
+The high embedding learning rate is there so that the learned position embeddings take shape
+within a few hundred steps: with one lr for everything the heads stayed position-blind.
+
+## Results
+
+| | loss (nats/token) | perplexity |
+|---|---|---|
+| train, mean of the last {last} steps | {final_train_avg:.3f} | {math.exp(final_train_avg):.1f} |
+| train, 256 windows of {args.seq_len} | {train_eval:.3f} | {math.exp(train_eval):.1f} |
+| held out, all windows of {args.seq_len} | {held_eval:.3f} | {math.exp(held_eval):.1f} |
+
+Held-out loss after reloading the saved {args.dtype} weights: {reload_held:.3f}.
+
+Greedy continuation of `def fibonacci(n):` (80 new tokens):
+
+```python
+{sample}
+```
+
+## What the heads do
+
+Measured by `scripts/analyze_demo_heads.py` (eager attention, `output_attentions=True`):
+
+- **prev(text)**: mean attention from position t to t-1 over {analysis.TEXT_WINDOWS} windows
+  of {analysis.TEXT_LEN} tokens of held-out stdlib text ({text_modules}), t >= 1. Uniform
+  causal attention would give {analysis.uniform_baseline(analysis.TEXT_LEN):.3f}.
+- **prev(rand)**: the same on the first copy of the random sequence below.
+- **induction**: on {analysis.IND_BATCH} sequences of `<|endoftext|>` + {analysis.IND_LEN}
+  random tokens repeated twice, mean attention from the second copy of token i to the token
+  just after the first copy of i.
+- **dup**: from the second copy of token i to the first copy of i.
+- **first**: mean attention to position 0 on the text windows.
+
+Top previous-token heads: {prev_line}.
+Top induction heads: {ind_line}.
+
+{analysis.interpretation(scores)}
+
+```
+{table}
+```
+
+## Reproduce
+
+```
+{cmd}
+```
+
+The same Python version (so the same stdlib files), torch version and thread count give the
+same weights; other versions give a similar model, not a bit-identical one.
+"""
+
+
+def main_defaults() -> dict:
+    """Default values of main()'s options, for the reproduce command in the card."""
+    return {a.dest: a.default for a in build_parser()._actions}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
