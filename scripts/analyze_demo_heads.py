@@ -8,6 +8,7 @@ Scores, for every layer L and head H (eager attention, ``output_attentions=True`
 - ``induction``: on ``<|endoftext|> + r + r`` (r = random tokens), mean attention from the second
   copy of token i to the token just after the first copy of i. An induction head scores high.
 - ``dup``: mean attention from the second copy of token i to the first copy of i (duplicate-token).
+- ``local4``: mean attention mass on the 4 preceding tokens (t-1 .. t-4) on the text windows.
 - ``first``: mean attention to position 0 on the text windows (an "attention sink").
 
 Usage::
@@ -32,13 +33,15 @@ TEXT_WINDOWS = 12
 TEXT_OFFSET = 256  # skip module docstrings/imports
 IND_LEN = 50
 IND_BATCH = 16
-COLUMNS = ("prev_token", "prev_random", "induction", "duplicate", "first")
-HEADERS = ("prev(text)", "prev(rand)", "induction", "dup", "first")
+LOCAL = 4
+COLUMNS = ("prev_token", "prev_random", "induction", "duplicate", "local", "first")
+HEADERS = ("prev(text)", "prev(rand)", "induction", "dup", f"local{LOCAL}", "first")
 
 
-def uniform_baseline(n: int) -> float:
-    """Mean of 1/(t+1) over t = 1..n-1: what uniform causal attention gives for one key."""
-    return sum(1.0 / (t + 1) for t in range(1, n)) / (n - 1)
+def uniform_baseline(n: int, keys: int = 1) -> float:
+    """What uniform causal attention gives to ``keys`` fixed earlier keys, averaged over the
+    query positions that have them (t = keys .. n-1)."""
+    return sum(keys / (t + 1) for t in range(keys, n)) / (n - keys)
 
 
 def text_windows(tokenizer) -> torch.Tensor:
@@ -79,6 +82,8 @@ def head_scores(model, tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
     t = torch.arange(1, a.shape[-1])
     prev_token = a[..., t, t - 1].mean(dim=(1, 3))
     first = a[..., 1:, 0].mean(dim=(1, 3))
+    t = torch.arange(LOCAL, a.shape[-1])
+    local = sum(a[..., t, t - k] for k in range(1, LOCAL + 1)).mean(dim=(1, 3))
 
     a = attentions(model, repeated_random(tokenizer, model.config.vocab_size, seed))
     n = IND_LEN
@@ -89,7 +94,7 @@ def head_scores(model, tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
     t = torch.arange(2, 1 + n)
     prev_random = a[..., t, t - 1].mean(dim=(1, 3))
     return {"prev_token": prev_token, "prev_random": prev_random, "induction": induction,
-            "duplicate": duplicate, "first": first}
+            "duplicate": duplicate, "local": local, "first": first}
 
 
 def top_heads(scores: dict[str, torch.Tensor], key: str, k: int) -> list[tuple[int, int, float]]:
@@ -111,25 +116,31 @@ def format_table(scores: dict[str, torch.Tensor]) -> str:
 
 
 def interpretation(scores: dict[str, torch.Tensor]) -> str:
-    """A few sentences naming the heads that clearly do something, from the numbers."""
+    """A few sentences naming the heads that do something visible, from the numbers."""
 
     def names(key: str, threshold: float) -> list[str]:
         return [f"L{la}H{h} ({v:.2f})" for la, h, v in top_heads(scores, key, 10**6)
                 if v >= threshold]
 
-    base = uniform_baseline(TEXT_LEN)
-    out = []
-    prev = names("prev_token", 0.5)
-    out.append("Previous-token heads (prev(text) >= 0.5): " + (", ".join(prev) or "none") + ".")
-    ind = names("induction", 0.2)
-    out.append("Induction heads (induction >= 0.2; uniform over the second copy would be about "
-               f"{1 / (1.5 * IND_LEN):.3f}): " + (", ".join(ind) or "none") + ".")
-    dup = names("duplicate", 0.2)
-    out.append("Duplicate-token heads (dup >= 0.2): " + (", ".join(dup) or "none") + ".")
-    sink = names("first", 0.5)
-    out.append("Heads that mostly attend to the first position (first >= 0.5; uniform would be "
-               f"about {base:.2f}): " + (", ".join(sink) or "none") + ".")
-    return "\n".join(out)
+    def line(label: str, key: str, threshold: float) -> str:
+        return f"{label}: " + (", ".join(names(key, threshold)) or "none") + "."
+
+    prev_u = uniform_baseline(TEXT_LEN)
+    local_u = uniform_baseline(TEXT_LEN, LOCAL)
+    ind_u = 1 / (1.5 * IND_LEN)
+    return "\n".join([
+        line("- Sharp previous-token heads (prev(text) >= 0.5)", "prev_token", 0.5),
+        line(f"- Heads leaning on the previous token (prev(text) >= 3x uniform, "
+             f"{3 * prev_u:.2f})", "prev_token", 3 * prev_u),
+        line(f"- Local heads (local{LOCAL} >= 3x uniform, {3 * local_u:.2f})", "local",
+             3 * local_u),
+        line(f"- Induction heads (induction >= 0.2; uniform is about {ind_u:.3f})",
+             "induction", 0.2),
+        line(f"- Induction-leaning heads (induction >= 3x uniform, {3 * ind_u:.2f})",
+             "induction", 3 * ind_u),
+        line("- Duplicate-token heads (dup >= 0.2)", "duplicate", 0.2),
+        line("- Heads that mostly attend to position 0 (first >= 0.5)", "first", 0.5),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:

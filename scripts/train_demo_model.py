@@ -151,9 +151,9 @@ def folder_bytes(folder: Path) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "tracekit" / "demo_model")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="adamw: AdamW on all; muon: torch.optim.Muon on the blocks' matrices, "
@@ -170,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-positions", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (the exact weights depend on it)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; the exact weights depend on it (2 is faster on an "
+                   "idle 2-core machine, 1 is the reference and kinder to a shared one)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="dtype the weights are stored in")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-card", action="store_true", help="skip head analysis and MODEL_CARD.md")
     return p
 
@@ -454,6 +455,8 @@ Measured by `scripts/analyze_demo_heads.py` (eager attention, `output_attentions
   random tokens repeated twice, mean attention from the second copy of token i to the token
   just after the first copy of i.
 - **dup**: from the second copy of token i to the first copy of i.
+- **local{analysis.LOCAL}**: attention mass on the {analysis.LOCAL} preceding tokens, on the
+  text windows (uniform: {analysis.uniform_baseline(analysis.TEXT_LEN, analysis.LOCAL):.3f}).
 - **first**: mean attention to position 0 on the text windows.
 
 Top previous-token heads: {prev_line}.
