@@ -35,6 +35,8 @@ __all__ = [
     "record",
 ]
 
+_PROMPT_META_CHARS = 1 << 16
+
 #: What ``tracekit record`` captures unless told otherwise: everything but the MLP neurons,
 #: which are 4x wider than the residual stream and usually the bulk of a trace.
 DEFAULT_CAPTURE = tuple(g for g in CAPTURE_GROUPS if g != "neurons")
@@ -224,6 +226,8 @@ class Recording:
             for g in ("predictions", "logit_lens"):
                 if g in groups:
                     self.skipped[g] = "encoder without a language-model head"
+        if s.kind == "causal" and "logit_lens" in groups and s.unembedding is None:
+            self.skipped["logit_lens"] = "no unembedding (get_output_embeddings) found"
         if "neurons" in groups and (s.d_mlp is None
                                     or any(b.mlp_down is None for b in s.blocks)):
             self.skipped["neurons"] = "no single MLP output projection per block"
@@ -277,10 +281,14 @@ class Recording:
             generation["eos_token_ids"] = _eos_ids(self.model, self.tokenizer)
         else:
             generation = {"max_new_tokens": 0, "strategy": "single forward step (encoder)"}
-        meta: dict[str, Any] = {} if self.prompt is None else {"prompt": self.prompt}
+        meta: dict[str, Any] = {}
+        if self.prompt is not None:
+            # The metadata has a size limit (1 MiB); the tokens themselves are in the arrays.
+            meta["prompt"] = self.prompt[:_PROMPT_META_CHARS]
+            if len(self.prompt) > _PROMPT_META_CHARS:
+                meta["prompt_truncated"] = True
         return {
             **meta,
-            "prompt_ids": list(self.prompt_ids),
             "generation": generation,
             "seed": None if self.sampling.greedy else self.sampling.seed,
             "model_dtype": _model_dtype(self.model),
