@@ -14,22 +14,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import TraceError
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KB' (decimal units, as disks are sold)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def disk_usage(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+from ._cliutil import TraceCommand, disk_usage, human_bytes, index_ranges
 
 
 @contextmanager
@@ -50,35 +35,10 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-class TraceCommand(click.Command):
-    """A command whose TraceErrors become one-line CLI errors."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except TraceError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".strip(
-                ": ")) from None
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tracekit")
 def main() -> None:
     """Record what a transformer does, token by token, and replay it anywhere."""
-
-
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,5] -> '0-2, 5'."""
-    out, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(out)
 
 
 def _info_json(trace, path: Path) -> dict[str, Any]:
@@ -122,7 +82,8 @@ def info(trace: Path, as_json: bool) -> None:
             f"{m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, "
             f"vocab {m['vocab_size']}",
             f"Captured  {', '.join(cap['captured']) or 'tokens only'}",
-            f"Layers    {_ranges(cap['layers'])} (residual points {_ranges(cap['points'])})",
+            f"Layers    {index_ranges(cap['layers'])} "
+            f"(residual points {index_ranges(cap['points'])})",
             f"Stored    {cap['stored_dtype']}, top-k {cap['top_k']}, "
             f"attention top-k {cap['attention_top_k']}",
         ]

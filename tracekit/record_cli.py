@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .errors import TraceError
+from ._cliutil import TraceCommand, human_bytes, index_ranges
 from .format import CAPTURE_GROUPS
 
 __all__ = ["parse_capture", "parse_layers", "parse_size", "record", "replay"]
@@ -113,38 +113,6 @@ def parse_capture(text: str) -> list[str]:
     return [g for g in CAPTURE_GROUPS if g in groups]
 
 
-def _ranges(values: list[int]) -> str:
-    out, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(out)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-class _ModelCommand(click.Command):
-    """TraceErrors and OS errors become one-line CLI errors; no tracebacks."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except TraceError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(
-                f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
-
-
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-file")
@@ -163,7 +131,7 @@ def _free_bytes(out: Path) -> int | None:
         return None
 
 
-@click.command(cls=_ModelCommand)
+@click.command(cls=TraceCommand)
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", help="The prompt text.")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -295,8 +263,8 @@ def _print_plan(rec: Any, fmt: str) -> None:
                      f"{prompt_len}-token prompt")
     else:
         lines.append(f"Run       {where}; one forward step over {prompt_len} tokens (encoder)")
-    lines.append(f"Capture   {', '.join(rec.groups)}; layers {_ranges(list(plan.layers))} "
-                 f"(points {_ranges(list(plan.points))}); stored as {plan.stored_dtype}")
+    lines.append(f"Capture   {', '.join(rec.groups)}; layers {index_ranges(list(plan.layers))} "
+                 f"(points {index_ranges(list(plan.points))}); stored as {plan.stored_dtype}")
     if rec.skipped:
         reasons: dict[str, list[str]] = {}
         for g, why in rec.skipped.items():
@@ -367,7 +335,7 @@ class _progress:
         self._bar.__exit__(*exc)
 
 
-@click.command(cls=_ModelCommand)
+@click.command(cls=TraceCommand)
 @click.argument("trace", type=click.Path(exists=True, path_type=Path))
 @click.option("--verify", is_flag=True,
               help="Exit 1 when any array deviates beyond the tolerance.")
