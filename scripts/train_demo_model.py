@@ -151,9 +151,9 @@ def folder_bytes(folder: Path) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "tracekit" / "demo_model")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="adamw: AdamW on all; muon: torch.optim.Muon on the blocks' matrices, "
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "idle 2-core machine, 1 is the reference and kinder to a shared one)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="dtype the weights are stored in")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--no-card", action="store_true", help="skip head analysis and MODEL_CARD.md")
     return p
 
