@@ -31,7 +31,7 @@ class CorruptTraceError(TraceError):
 
 
 class DisallowedCodecError(TraceError):
-    """An array uses a codec, filter or data type outside the allowlist (e.g. pickle)."""
+    """An array uses a codec, filter or data type outside the allowlist (e.g. an object codec)."""
 
 
 class WriterError(TraceError):
