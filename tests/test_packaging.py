@@ -42,6 +42,8 @@ def test_schema_files_ship_in_the_wheel(tmp_path: Path) -> None:
         zf.extractall(site)
     assert "tracekit/schemas/trace-v1.0.schema.json" in names
     assert "tracekit/schemas/trace-v1.0.md" in names
+    assert "tracekit/recorder/recording.py" in names
+    assert "tracekit/demo_model/model.safetensors" in names
     code = ("import tracekit, tracekit.schema as s; "
             f"assert tracekit.__file__.startswith({str(site)!r}), tracekit.__file__; "
             "print(s.load_schema()['title'])")
