@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .errors import TraceError
+from ._cliutil import TraceCommand
 
 INSTALL_HINT = ("the viewer is not installed: pip install -e viewer (in a tracekit checkout) "
                 "or pip install tracekit-viewer")
@@ -28,17 +28,14 @@ def _viewer_module(name: str) -> Any:
         raise
 
 
-class _ViewerCommand(click.Command):
-    """Errors a user can cause (a bad trace, layer or head) become one ``Error:`` line."""
+class _ViewerCommand(TraceCommand):
+    """Like TraceCommand; a bad layer or head (ValueError from the viewer) is one line too."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (TraceError, ValueError) as exc:
+        except ValueError as exc:
             raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".strip(
-                ": ")) from None
 
 
 def _state_options(f: Any) -> Any:
