@@ -29,7 +29,13 @@ def make_rows(n_distinct: int, points: int, d: int, seed: int = 0) -> np.ndarray
     return rng.standard_normal((n_distinct, 1, points, d), dtype=np.float32).astype(np.float16)
 
 
+def settle() -> None:
+    """Start each timed write with no dirty pages left by the previous one (untimed)."""
+    os.sync()
+
+
 def bench_raw_write(path: Path, rows: np.ndarray, positions: int) -> float:
+    settle()
     t0 = time.perf_counter()
     with open(path, "wb") as fh:
         for p in range(positions):
@@ -45,6 +51,7 @@ def bench_trace_write(path: Path, rows: np.ndarray, positions: int, compression:
     plan = TracePlan(model=model, max_positions=positions, captured=frozenset({"residual"}),
                      compression=compression)
     norms = [np.linalg.norm(r.astype(np.float32), axis=-1) for r in rows]
+    settle()
     t0 = time.perf_counter()
     with tracekit.create(path, plan) as w:
         for p in range(positions):

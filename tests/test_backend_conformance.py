@@ -126,6 +126,25 @@ class BackendConformance:
         assert arr[(2, 0, 4)] == full[2, 0, 4]
         be.close()
 
+    def test_write_rows_joins_blocks_across_chunks(self, tmp_path: Path) -> None:
+        # What the writer does: one block per step, steps of any size, commits that start and
+        # end inside chunks; rows already written stay as they were.
+        rng = np.random.default_rng(1)
+        full = rng.normal(size=(13, 2, 3)).astype(np.float16)
+        be = self.laid_out(tmp_path, a=dict(shape=(16, 2, 3), dtype=np.dtype(np.float16),
+                                            chunks=(4, 2, 3)))
+        arr = be.get_array("a")
+        arr.write_rows(0, [full[0:1], full[1:3]])  # ends inside chunk 0
+        strided = np.ascontiguousarray(full[3:6][::-1])[::-1]  # a non-contiguous view
+        arr.write_rows(3, [strided, full[6:6], full[6:11]])  # patches chunk 0, spans 3 chunks
+        arr.write_rows(11, [full[11:13]])
+        be = self.finish(be)
+        arr = be.get_array("a")
+        out = arr[(slice(0, 16), slice(0, 2), slice(0, 3))]
+        assert np.array_equal(out[:13], full)
+        assert not out[13:].any()
+        be.close()
+
     def test_compressed_arrays_round_trip(self, tmp_path: Path) -> None:
         data = np.zeros((16, 40), np.float16)
         data[:, :5] = np.arange(80).reshape(16, 5)

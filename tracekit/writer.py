@@ -52,6 +52,8 @@ _FLUSH = object()
 _NORMS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
 _RANGES = {"residual": "residual_range", "attn_out": "attn_out_range",
            "mlp_out": "mlp_out_range", "neurons": "neurons_range"}
+#: Steps at least this big (bytes per array) are written block by block, never joined.
+_BIG_STEP = 256 << 10
 
 
 def _utcnow() -> str:
@@ -62,6 +64,12 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.uint16:  # bfloat16 bits
         x = x.view(ml_dtypes.bfloat16)
     return x.astype(np.float32, copy=False)
+
+
+def _norms(stored: np.ndarray) -> np.ndarray:
+    """L2 norm over the last axis, accumulated in float32."""
+    values = _as_float32(stored)
+    return np.sqrt(np.einsum("...i,...i->...", values, values))
 
 
 def _to_stored(x: np.ndarray, logical: str) -> np.ndarray:
@@ -352,20 +360,23 @@ class TraceWriter:
             if name == "attention":
                 self._commit_attention(steps, start, end, logical)
                 continue
-            data = _to_stored(np.concatenate([s.arrays[name] for s in steps]), logical)
-            self._write(name, rows, data)
+            blocks = [_to_stored(s.arrays[name], logical) for s in steps]
+            if len(blocks) > 1 and sum(b.nbytes for b in blocks) < len(blocks) * _BIG_STEP:
+                blocks = [np.concatenate(blocks)]  # small steps: one block, fewer calls
+            # Big steps are written straight from the producer's buffers, without joining.
+            self._arrays[name].write_rows(start, blocks)
+            self._bytes_written += sum(b.nbytes for b in blocks)
             if name in _NORMS:
                 norm_name = _NORMS[name]
                 if all(norm_name in s.arrays for s in steps):
                     norms = np.concatenate([s.arrays[norm_name] for s in steps])
                     norms = np.asarray(norms, dtype=np.float32)
                 else:
-                    values = _as_float32(data)
-                    norms = np.sqrt(np.einsum("...i,...i->...", values, values))
+                    norms = np.concatenate([_norms(b) for b in blocks])
                 self._write(norm_name, rows, norms)
                 self._track(norm_name, norms)
             if name in _RANGES:
-                rng = row_min_max(data, logical)
+                rng = np.concatenate([row_min_max(b, logical) for b in blocks])
                 self._write(_RANGES[name], rows, rng)
                 self._track(name, rng)
 

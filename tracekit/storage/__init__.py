@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ class StoredArray(ABC):
 
     @abstractmethod
     def resize(self, shape: tuple[int, ...]) -> None: ...
+
+    def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
+        """Write consecutive whole rows from ``start``: ``blocks`` follow each other along the
+        leading axis. Backends override this to write the blocks without joining them first
+        (the writer hands over one block per step)."""
+        data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        self[(slice(start, start + len(data)),)] = data
 
     def missing_chunks(self, rows: int) -> list[str]:
         """Chunks within the first ``rows`` of the leading axis that were never stored."""
@@ -210,6 +218,27 @@ def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: i
         if got != want:
             raise CorruptTraceError(f"array {name!r}: chunk {ci} is truncated")
     return out
+
+
+def chunk_parts(start: int, blocks: Sequence[np.ndarray], rows_per_chunk: int,
+                ) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
+    """Split consecutive row ``blocks`` written from row ``start`` by chunk: yields
+    ``(chunk index, first row, end row, parts)`` where ``parts`` are views of the blocks that
+    together hold rows ``first:end`` of that chunk, in order."""
+    stop = start + sum(len(b) for b in blocks)
+    bi, off = 0, 0  # current block, and the row within it
+    for ci in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+        lo, hi = max(start, ci * rows_per_chunk), min(stop, (ci + 1) * rows_per_chunk)
+        need, parts = hi - lo, []
+        while need:
+            take = min(need, len(blocks[bi]) - off)
+            if take:
+                parts.append(blocks[bi][off: off + take])
+            off += take
+            need -= take
+            if off == len(blocks[bi]):
+                bi, off = bi + 1, 0
+        yield ci, lo, hi, parts
 
 
 def whole_chunk_rows(key: tuple, value: np.ndarray, shape: tuple[int, ...],

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from . import (
     Backend,
     StoredArray,
     check_dtype,
+    chunk_parts,
     read_rows_direct,
     split_rows_key,
     whole_chunk_rows,
@@ -164,6 +166,26 @@ class HDF5Array(StoredArray):
         for ci in range(rows[0] // c, rows[1] // c):
             part = data[ci * c - rows[0]: (ci + 1) * c - rows[0]]
             self._ds.id.write_direct_chunk((ci * c, *tail), part)
+
+    def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
+        """Whole unfiltered chunks go to ``write_direct_chunk`` straight from the blocks (joined
+        only when a chunk spans several); the rest through h5py."""
+        if not self._raw_chunks:
+            super().write_rows(start, blocks)
+            return
+        c = self.chunks[0]
+        tail = (0,) * (len(self.dims) - 1)
+        stop = start + sum(len(b) for b in blocks)
+        if start < 0 or stop > self.shape[0]:
+            raise ValueError(f"array {self.name!r}: rows {start}:{stop} outside "
+                             f"0:{self.shape[0]}")
+        for ci, lo, hi, parts in chunk_parts(start, blocks, c):
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if hi - lo == c and data.shape[1:] == self.shape[1:]:
+                self._ds.id.write_direct_chunk(
+                    (ci * c, *tail), np.ascontiguousarray(data, dtype=self.dtype))
+            else:
+                self._ds[lo:hi] = data
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._ds.resize(shape)

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from . import (
     Backend,
     StoredArray,
     check_dtype,
+    chunk_parts,
     full_rows,
     read_rows_direct,
     split_rows_key,
@@ -199,44 +201,70 @@ class ZarrArray(StoredArray):
         if rows is None:
             self._arr[key] = value
             return
-        # Uncompressed whole-row chunks: write the bytes codec's output (raw little-endian
-        # C-order) ourselves, atomically (temporary file, then rename) as zarr's LocalStore
-        # does; partial chunks are read, patched and rewritten the same way.
-        data = np.ascontiguousarray(value, dtype=self.dtype.newbyteorder("<"))
-        start, stop = rows
+        self.write_rows(rows[0], [value])
+
+    def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
+        """Uncompressed whole-row chunks hold the bytes codec's output (raw little-endian,
+        C order), so rows are written in place with one ``pwritev`` per chunk, straight from
+        the blocks. A new chunk file is sized to the whole chunk first (zeros, the fill value).
+        Rows written earlier are never rewritten, so committed data stays intact whatever
+        instant the writer is killed at (readers trust only the commit counter)."""
+        if self._direct_root is None:
+            super().write_rows(start, blocks)
+            return
+        dtype = self.dtype.newbyteorder("<")
+        row_shape = self.shape[1:]
+        data = []
+        for b in blocks:
+            b = np.ascontiguousarray(b, dtype=dtype)
+            if b.shape[1:] != row_shape:
+                raise ValueError(f"array {self.name!r}: rows of shape {b.shape[1:]}, "
+                                 f"expected {row_shape}")
+            data.append(b)
+        stop = start + sum(len(b) for b in data)
+        if start < 0 or stop > self.shape[0]:
+            raise ValueError(f"array {self.name!r}: rows {start}:{stop} outside "
+                             f"0:{self.shape[0]}")
+        if stop == start:
+            return
         c = self.chunks[0]
-        for ci in range(start // c, (stop - 1) // c + 1):
-            lo, hi = max(start, ci * c), min(stop, (ci + 1) * c)
-            if hi - lo == c:
-                chunk = data[lo - start: hi - start]
-            else:
-                chunk = self._read_chunk(ci)
-                chunk[lo - ci * c: hi - ci * c] = data[lo - start: hi - start]
-            self._write_chunk(ci, chunk)
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        for ci, lo, _hi, parts in chunk_parts(start, data, c):
+            views = [memoryview(part.reshape(-1).view(np.uint8)) for part in parts]
+            self._pwrite_chunk(ci, views, (lo - ci * c) * row_bytes, c * row_bytes)
 
     def _chunk_path(self, ci: int) -> Path:
         return self._direct_root / "/".join(  # type: ignore[operator]
             ["c", str(ci), *["0"] * (len(self.dims) - 1)])
 
-    def _read_chunk(self, ci: int) -> np.ndarray:
-        shape = (self.chunks[0], *self.shape[1:])
-        path = self._chunk_path(ci)
-        if not path.exists():
-            return np.zeros(shape, dtype=self.dtype)
-        raw = np.fromfile(path, dtype=self.dtype.newbyteorder("<"))
-        if raw.size != np.prod(shape):
-            raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has the wrong size")
-        return raw.reshape(shape)
-
-    def _write_chunk(self, ci: int, chunk: np.ndarray) -> None:
+    def _pwrite_chunk(self, ci: int, views: list[memoryview], offset: int,
+                      chunk_bytes: int) -> None:
         path = self._chunk_path(ci)
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(tmp, "wb") as fh:
-            fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-        os.replace(tmp, path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                os.ftruncate(fd, chunk_bytes)
+            elif size != chunk_bytes:
+                raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
+                                        f"expected {chunk_bytes}")
+            # pwritev takes at most IOV_MAX buffers and may write less than asked.
+            pending = [v for v in views if len(v)]
+            while pending:
+                batch = pending[:512]
+                done = os.pwritev(fd, batch, offset)
+                offset += done
+                while batch and done >= len(batch[0]):
+                    done -= len(batch[0])
+                    batch.pop(0)
+                    pending.pop(0)
+                if done:
+                    pending[0] = pending[0][done:]
+        finally:
+            os.close(fd)
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._arr.resize(shape)
