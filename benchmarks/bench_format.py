@@ -39,7 +39,7 @@ def bench_raw_write(path: Path, rows: np.ndarray, positions: int) -> float:
     t0 = time.perf_counter()
     with open(path, "wb") as fh:
         for p in range(positions):
-            fh.write(rows[p % len(rows)].tobytes())
+            fh.write(memoryview(rows[p % len(rows)]))  # no copy: the best plain append
     return time.perf_counter() - t0
 
 
