@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,14 +141,106 @@ def _direct_readable(meta: dict[str, Any]) -> bool:
             and (enc.get("configuration") or {}).get("separator", "/") == "/")
 
 
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write a metadata document atomically (temporary file, then rename), as zarr does."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
+                   dims: tuple[str, ...], attrs: dict[str, Any],
+                   compression: str | None) -> dict[str, Any]:
+    """The zarr v3 ``zarr.json`` of a regular-grid array with fill value 0, the document
+    zarr-python writes for the same array (tests check that zarr and xarray open it)."""
+    dtype = np.dtype(dtype)
+    codecs: list[dict[str, Any]] = [
+        {"name": "bytes"} if dtype.itemsize == 1 else
+        {"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": 1, "checksum": False}})
+    elif compression == "gzip":
+        codecs.append({"name": "gzip", "configuration": {"level": 1}})
+    elif compression is not None:
+        raise ValueError(f"unknown compression {compression!r}")
+    fill: Any = False if dtype.kind == "b" else (0.0 if dtype.kind == "f" else 0)
+    return {
+        "shape": [int(n) for n in shape],
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular",
+                       "configuration": {"chunk_shape": [int(c) for c in chunks]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill,
+        "codecs": codecs,
+        "attributes": dict(attrs),
+        "dimension_names": list(dims),
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _remove_chunks_outside(folder: Path, old: list[int], new: list[int]) -> None:
+    """Delete the chunk files wholly outside a smaller chunk grid (as zarr's resize does);
+    ``old`` and ``new`` count chunks per axis. Only axes that shrank are walked."""
+    last = max((i for i, (a, b) in enumerate(zip(old, new, strict=True)) if b < a), default=-1)
+
+    def walk(path: str, depth: int) -> None:
+        for entry in os.scandir(path):
+            try:
+                index = int(entry.name)
+            except ValueError:
+                continue
+            if index >= new[depth]:
+                shutil.rmtree(entry.path) if entry.is_dir() else os.unlink(entry.path)
+            elif depth < last and entry.is_dir():
+                walk(entry.path, depth + 1)
+
+    if last >= 0 and (folder / "c").is_dir():
+        walk(str(folder / "c"), 0)
+
+
+def _group_document(meta: dict[str, Any],
+                    arrays: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The root group's zarr.json: tracekit's metadata as its one attribute and, once sealed,
+    every array's metadata consolidated inline."""
+    consolidated = None if arrays is None else {
+        "kind": "inline", "must_understand": False, "metadata": dict(sorted(arrays.items()))}
+    return {"attributes": {ROOT_KEY: meta}, "zarr_format": 3,
+            "consolidated_metadata": consolidated, "node_type": "group"}
+
+
 class ZarrArray(StoredArray):
-    def __init__(self, name: str, arr: zarr.Array, dims: tuple[str, ...],
-                 direct_root: Path | None = None) -> None:
+    """One array of a zarr v3 trace. Shape, chunks and attributes come from its checked
+    ``zarr.json``; zarr-python opens the array only for what tracekit does not do itself
+    (compressed chunks, partial rows), so opening and laying out a trace stay cheap."""
+
+    def __init__(self, name: str, folder: Path, meta: dict[str, Any], store: Any,
+                 writable: bool) -> None:
         self.name = name
-        self._arr = arr
-        self.dims = dims
-        self._direct_root = direct_root  # set when rows can be read with plain file reads
+        self.dims = tuple(meta["dimension_names"])
+        self._folder = folder
+        self._meta = meta
+        self._store = store
+        self._writable = writable
+        self._zarr: zarr.Array | None = None
+        # Set when rows can be read and written with plain file reads and writes.
+        self._direct_root = folder if _direct_readable(meta) else None
         self._made_dirs: set[Path] = set()
+
+    @property
+    def _arr(self) -> zarr.Array:
+        if self._zarr is None:
+            try:
+                with zarr.config.set(_BOUNDED_CODECS):
+                    arr = zarr.open_array(store=self._store, path=self.name,
+                                          mode="r+" if self._writable else "r")
+                # Store every written chunk, zeros included, so a missing chunk means data
+                # loss (zarr would otherwise skip all-zero chunks and read them as fill value).
+                self._zarr = arr.with_config({"write_empty_chunks": True})
+            except Exception as exc:
+                raise CorruptTraceError(f"array {self.name!r}: cannot open ({exc})") from exc
+        return self._zarr
 
     def _locate(self, ci: int):
         path = self._direct_root / "/".join(["c", str(ci), *["0"] * (len(self.dims) - 1)])  # type: ignore[operator]
@@ -162,19 +253,19 @@ class ZarrArray(StoredArray):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._arr.shape)
+        return tuple(self._meta["shape"])
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._arr.dtype)
+        return np.dtype(self._meta["data_type"])
 
     @property
     def chunks(self) -> tuple[int, ...]:
-        return tuple(self._arr.chunks)
+        return tuple(self._meta["chunk_grid"]["configuration"]["chunk_shape"])
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self._arr.attrs)
+        return dict(self._meta.get("attributes") or {})
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         split = split_rows_key(key, self.shape) if self._direct_root is not None else None
@@ -267,16 +358,24 @@ class ZarrArray(StoredArray):
             os.close(fd)
 
     def resize(self, shape: tuple[int, ...]) -> None:
-        self._arr.resize(shape)
+        """Rewrite the shape in ``zarr.json`` and delete chunks wholly outside it."""
+        shape = tuple(int(n) for n in shape)
+        chunks = self.chunks
+        old = [math.ceil(n / c) for n, c in zip(self.shape, chunks, strict=True)]
+        new = [math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)]
+        meta = {**self._meta, "shape": list(shape)}
+        _write_json(self._folder / "zarr.json", meta)
+        self._meta = meta
+        self._zarr = None  # zarr-python reopens it with the new shape when needed
+        _remove_chunks_outside(self._folder, old, new)
 
     def missing_chunks(self, rows: int) -> list[str]:
-        root = Path(str(self._arr.store.root)) / self.name  # type: ignore[attr-defined]
         counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
         counts[0] = math.ceil(rows / self.chunks[0]) if self.shape else 0
         missing = []
         for idx in itertools.product(*(range(n) for n in counts)):
             key = "/".join(["c", *map(str, idx)])
-            if not (root / key).is_file():
+            if not (self._folder / key).is_file():
                 missing.append(key)
         return missing
 
@@ -327,22 +426,18 @@ class ZarrBackend(Backend):
         return meta
 
     def write_root_meta(self, meta: dict[str, Any]) -> None:
-        self._group.attrs.put({ROOT_KEY: meta})
+        _write_json(self.path / "zarr.json", _group_document(meta))  # type: ignore[operator]
 
     # -- arrays -----------------------------------------------------------------------------
     def create_array(self, name, shape, dtype, chunks, dims, attrs, compression,
                      write_empty_chunks=True, coordinate=False) -> StoredArray:
-        compressors: Any = None
-        if compression == "zstd":
-            compressors = zarr.codecs.ZstdCodec(level=1)
-        elif compression == "gzip":
-            compressors = zarr.codecs.GzipCodec(level=1)
-        arr = self._group.create_array(
-            name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors,
-            fill_value=0, dimension_names=list(dims), attributes=attrs,
-            config={"write_empty_chunks": write_empty_chunks},
-        )
-        return ZarrArray(name, arr, tuple(dims))
+        # The array's zarr.json is written directly: zarr-python took ~3 ms per array here,
+        # a tenth of a second for a trace, paid by every recording.
+        meta = array_metadata(shape, dtype, chunks, dims, attrs, compression)
+        folder = self.path / name  # type: ignore[operator]
+        folder.mkdir()
+        _write_json(folder / "zarr.json", meta)
+        return ZarrArray(name, folder, meta, self._group.store, writable=True)
 
     def array_names(self) -> list[str]:
         names = []
@@ -367,17 +462,15 @@ class ZarrBackend(Backend):
         except TypeError as exc:
             raise DisallowedCodecError(
                 f"array {name!r} has disallowed data type {meta.get('data_type')!r}") from exc
-        try:
-            with zarr.config.set(_BOUNDED_CODECS):
-                arr = zarr.open_array(store=self._group.store, path=name,
-                                      mode="r+" if not self._group.read_only else "r")
-            # Store every written chunk, zeros included, so a missing chunk means data loss
-            # (zarr would otherwise skip all-zero chunks and read them back as fill value).
-            arr = arr.with_config({"write_empty_chunks": True})
-        except Exception as exc:
-            raise CorruptTraceError(f"array {name!r}: cannot open ({exc})") from exc
-        direct = self.path / name if _direct_readable(meta) else None  # type: ignore[operator]
-        return ZarrArray(name, arr, tuple(dims), direct_root=direct)
+        if meta.get("zarr_format") != 3 or not isinstance(meta.get("chunk_grid"), dict):
+            raise CorruptTraceError(f"array {name!r}: not a zarr v3 array")
+        grid = (meta["chunk_grid"].get("configuration") or {}).get("chunk_shape")
+        if (meta["chunk_grid"].get("name") != "regular" or not isinstance(grid, list)
+                or len(grid) != len(shape)
+                or not all(isinstance(c, int) and c >= 1 for c in grid)):
+            raise CorruptTraceError(f"array {name!r}: malformed chunk grid {grid!r}")
+        return ZarrArray(name, self.path / name, meta, self._group.store,  # type: ignore[operator]
+                         writable=not self._group.read_only)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
@@ -392,10 +485,12 @@ class ZarrBackend(Backend):
         self._group = zarr.open_group(store=zarr.storage.LocalStore(str(self.path)), mode="r+")
 
     def seal(self) -> None:
-        """Consolidate metadata so xarray/zarr open the finished trace in one read."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # v3 consolidation is not yet in the zarr spec
-            zarr.consolidate_metadata(self._group.store)
+        """Consolidate metadata (every array's zarr.json inlined in the group's, zarr-python's
+        ``consolidated_metadata`` layout), so xarray/zarr open the finished trace in one read."""
+        arrays = {name: _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+                  for name in self.array_names()}
+        _write_json(self.path / "zarr.json",  # type: ignore[operator]
+                    _group_document(self.read_root_meta(), arrays))
 
     def discard(self) -> None:
         """Remove a trace that never got past creation."""
