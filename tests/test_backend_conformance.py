@@ -145,6 +145,24 @@ class BackendConformance:
         assert not out[13:].any()
         be.close()
 
+    @pytest.mark.parametrize("key_chunk", [4, 9])
+    def test_write_rows_narrower_than_the_last_axis(self, tmp_path: Path,
+                                                     key_chunk: int) -> None:
+        # Attention rows: each commit holds the keys seen so far; the rest of a row is zero.
+        rng = np.random.default_rng(2)
+        full = np.zeros((10, 2, 9), np.float16)
+        be = self.laid_out(tmp_path, a=dict(shape=(10, 2, 9), dtype=np.dtype(np.float16),
+                                            chunks=(4, 2, key_chunk)))
+        arr = be.get_array("a")
+        for start, stop, width in ((0, 3, 2), (3, 7, 7), (7, 10, 9)):
+            block = rng.normal(size=(stop - start, 2, width)).astype(np.float16)
+            arr.write_rows(start, [block])
+            full[start:stop, :, :width] = block
+        be = self.finish(be)
+        out = be.get_array("a")[(slice(0, 10), slice(0, 2), slice(0, 9))]
+        assert np.array_equal(out, full)
+        be.close()
+
     def test_compressed_arrays_round_trip(self, tmp_path: Path) -> None:
         data = np.zeros((16, 40), np.float16)
         data[:, :5] = np.arange(80).reshape(16, 5)

@@ -404,8 +404,8 @@ class TraceWriter:
                 a = s.arrays["attention"]
                 block[s.start - start: s.start - start + s.n, :, :, : a.shape[3]] = _to_stored(
                     a, logical)
-        self._write("attention", (slice(start, end), slice(None), slice(None), slice(0, keys)),
-                    block)
+        self._arrays["attention"].write_rows(start, [block])
+        self._bytes_written += block.nbytes
         if all("attention_top_keys" in s.arrays for s in steps):
             top_k = np.concatenate([s.arrays["attention_top_keys"] for s in steps])
             top_w = np.concatenate([s.arrays["attention_top_weights"] for s in steps])

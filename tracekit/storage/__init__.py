@@ -59,11 +59,16 @@ class StoredArray(ABC):
     def resize(self, shape: tuple[int, ...]) -> None: ...
 
     def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
-        """Write consecutive whole rows from ``start``: ``blocks`` follow each other along the
-        leading axis. Backends override this to write the blocks without joining them first
-        (the writer hands over one block per step)."""
+        """Write consecutive new rows from ``start``: ``blocks`` follow each other along the
+        leading axis. Blocks may be narrower than the array along the last axis (attention
+        rows hold the keys seen so far): the rest of those rows is left as it is, zero for
+        rows never written. Backends override this to write the blocks without joining them
+        first (the writer hands over one block per step)."""
         data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        self[(slice(start, start + len(data)),)] = data
+        key: tuple = (slice(start, start + len(data)),)
+        if data.ndim >= 2 and data.shape[-1] != self.shape[-1]:
+            key += (slice(None),) * (data.ndim - 2) + (slice(0, data.shape[-1]),)
+        self[key] = data
 
     def missing_chunks(self, rows: int) -> list[str]:
         """Chunks within the first ``rows`` of the leading axis that were never stored."""

@@ -170,7 +170,7 @@ class HDF5Array(StoredArray):
     def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
         """Whole unfiltered chunks go to ``write_direct_chunk`` straight from the blocks (joined
         only when a chunk spans several); the rest through h5py."""
-        if not self._raw_chunks:
+        if not self._raw_chunks or any(b.shape[1:] != self.shape[1:] for b in blocks):
             super().write_rows(start, blocks)
             return
         c = self.chunks[0]

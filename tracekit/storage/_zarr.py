@@ -123,6 +123,25 @@ _BOUNDED_CODECS = {f"codecs.{key}": f"{cls.__module__}.{cls.__qualname__}" for k
     ("gzip", _BoundedGzipCodec), ("zstd", _BoundedZstdCodec), ("blosc", _BoundedBloscCodec))}
 
 
+def _raw_writable(meta: dict[str, Any]) -> bool:
+    """True when chunks are raw little-endian C-order bytes whole along every axis but the
+    first and the last (attention's key axis is chunked too): tracekit writes rows of such
+    arrays into the chunk files itself."""
+    codecs = meta.get("codecs")
+    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
+        return False
+    codec = codecs[0]
+    endian = (codec.get("configuration") or {}).get("endian", "little")
+    grid = (meta.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
+    enc = meta.get("chunk_key_encoding") or {}
+    shape = meta.get("shape")
+    return (codec.get("name") == "bytes" and endian == "little" and meta.get("fill_value") == 0
+            and isinstance(grid, list) and isinstance(shape, list) and len(grid) == len(shape)
+            and len(shape) >= 1 and grid[1:-1] == shape[1:-1] and all(g >= 1 for g in grid)
+            and enc.get("name") == "default"
+            and (enc.get("configuration") or {}).get("separator", "/") == "/")
+
+
 def _direct_readable(meta: dict[str, Any]) -> bool:
     """True when chunks are raw little-endian C-order bytes holding whole rows, so rows can be
     read with plain file reads (the layout tracekit writes for uncompressed arrays)."""
@@ -226,6 +245,7 @@ class ZarrArray(StoredArray):
         self._zarr: zarr.Array | None = None
         # Set when rows can be read and written with plain file reads and writes.
         self._direct_root = folder if _direct_readable(meta) else None
+        self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
 
     @property
@@ -287,50 +307,75 @@ class ZarrArray(StoredArray):
             raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
-        rows = (full_rows(key, value, self.shape)
-                if self._direct_root is not None else None)
+        rows = full_rows(key, value, self.shape) if self._raw_rows else None
         if rows is None:
             self._arr[key] = value
             return
         self.write_rows(rows[0], [value])
 
     def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
-        """Uncompressed whole-row chunks hold the bytes codec's output (raw little-endian,
-        C order), so rows are written in place with one ``pwritev`` per chunk, straight from
-        the blocks. A new chunk file is sized to the whole chunk first (zeros, the fill value).
-        Rows written earlier are never rewritten, so committed data stays intact whatever
-        instant the writer is killed at (readers trust only the commit counter)."""
-        if self._direct_root is None:
+        """Uncompressed chunks hold the bytes codec's output (raw little-endian, C order), so
+        rows are written in place with one ``pwritev`` per chunk, straight from the blocks. A
+        new chunk file is sized to the whole chunk first (zeros, the fill value). Rows written
+        earlier are never rewritten, so committed data stays intact whatever instant the writer
+        is killed at (readers trust only the commit counter).
+
+        Arrays chunked along their last axis too (attention's keys) take blocks narrower than
+        the array there: the rest of each row stays zero, and chunks past the blocks' width
+        are not touched (so causal attention never writes its all-zero chunks)."""
+        if not self._raw_rows:
             super().write_rows(start, blocks)
             return
         dtype = self.dtype.newbyteorder("<")
-        row_shape = self.shape[1:]
+        shape, chunks = self.shape, self.chunks
+        keyed = len(shape) >= 2 and (chunks[-1] != shape[-1]
+                                     or any(np.shape(b)[-1] != shape[-1] for b in blocks))
         data = []
         for b in blocks:
-            b = np.ascontiguousarray(b, dtype=dtype)
-            if b.shape[1:] != row_shape:
+            b = np.asarray(b)
+            ok = (b.shape[1:-1] == shape[1:-1] and b.shape[-1] <= shape[-1] if keyed
+                  else b.shape[1:] == shape[1:])
+            if not ok or (keyed and data and b.shape[-1] != data[0].shape[-1]):
                 raise ValueError(f"array {self.name!r}: rows of shape {b.shape[1:]}, "
-                                 f"expected {row_shape}")
-            data.append(b)
+                                 f"expected {shape[1:]}")
+            data.append(b if keyed else np.ascontiguousarray(b, dtype=dtype))
         stop = start + sum(len(b) for b in data)
-        if start < 0 or stop > self.shape[0]:
-            raise ValueError(f"array {self.name!r}: rows {start}:{stop} outside "
-                             f"0:{self.shape[0]}")
+        if start < 0 or stop > shape[0]:
+            raise ValueError(f"array {self.name!r}: rows {start}:{stop} outside 0:{shape[0]}")
         if stop == start:
             return
-        c = self.chunks[0]
-        row_bytes = math.prod(row_shape) * dtype.itemsize
-        for ci, lo, _hi, parts in chunk_parts(start, data, c):
-            views = [memoryview(part.reshape(-1).view(np.uint8)) for part in parts]
-            self._pwrite_chunk(ci, views, (lo - ci * c) * row_bytes, c * row_bytes)
+        c = chunks[0]
+        if not keyed:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            for ci, lo, _hi, parts in chunk_parts(start, data, c):
+                views = [memoryview(part.reshape(-1).view(np.uint8)) for part in parts]
+                self._pwrite_chunk(ci, views, (lo - ci * c) * row_bytes, c * row_bytes)
+            return
+        k = chunks[-1]
+        width = data[0].shape[-1]
+        row_bytes = math.prod(shape[1:-1]) * k * dtype.itemsize
+        for ci, lo, hi, parts in chunk_parts(start, data, c):
+            for kj in range(math.ceil(width / k)):
+                # Each row's slice of this key chunk, zero padded to the chunk's width.
+                seg = np.zeros((hi - lo, *shape[1:-1], k), dtype=dtype)
+                row = 0
+                for part in parts:
+                    piece = part[..., kj * k: (kj + 1) * k]
+                    seg[row: row + len(part), ..., : piece.shape[-1]] = piece
+                    row += len(part)
+                self._pwrite_chunk(ci, [memoryview(seg.reshape(-1).view(np.uint8))],
+                                   (lo - ci * c) * row_bytes, c * row_bytes, kj)
 
-    def _chunk_path(self, ci: int) -> Path:
-        return self._direct_root / "/".join(  # type: ignore[operator]
-            ["c", str(ci), *["0"] * (len(self.dims) - 1)])
+    def _chunk_path(self, ci: int, last: int = 0) -> Path:
+        """Chunk ``ci`` along the first axis (and ``last`` along the last, if chunked)."""
+        tail = ["0"] * (len(self.dims) - 1)
+        if tail:
+            tail[-1] = str(last)
+        return self._folder / "/".join(["c", str(ci), *tail])
 
     def _pwrite_chunk(self, ci: int, views: list[memoryview], offset: int,
-                      chunk_bytes: int) -> None:
-        path = self._chunk_path(ci)
+                      chunk_bytes: int, last: int = 0) -> None:
+        path = self._chunk_path(ci, last)
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
