@@ -69,8 +69,11 @@ def _state_options(f: Any) -> Any:
 @_state_options
 @click.option("--cache-mb", type=click.IntRange(16, 1 << 20), default=64, show_default=True,
               help="Memory for cached blocks of the trace.")
+@click.option("--size", default="1600x1000", show_default=True,
+              help="Window width x height in pixels.")
 def view(trace: Path, step: int | None, layer: int | None, head: str, token: int | None,
-         view_name: str, metric: str, top_k: int, threshold: float, cache_mb: int) -> None:
+         view_name: str, metric: str, top_k: int, threshold: float, cache_mb: int,
+         size: str) -> None:
     """Open a trace in the 3D viewer; press h there for the keys."""
     if _viewer_module("_vtkenv").headless():
         raise click.ClickException(
@@ -78,6 +81,7 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
             "tracekit render instead")
     app = _viewer_module("app")
     render = _viewer_module("render")
+    dims = render.parse_size(size)
     source_mod = _viewer_module("source")
     probe = source_mod.TraceSource(trace, prefetch=False)
     try:
@@ -86,7 +90,7 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
                                     threshold=threshold)
     finally:
         probe.close()
-    viewer = app.CityViewer(trace, state=state, cache_bytes=cache_mb << 20)
+    viewer = app.CityViewer(trace, state=state, cache_bytes=cache_mb << 20, window_size=dims)
     viewer.show()
 
 

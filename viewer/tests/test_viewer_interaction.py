@@ -270,3 +270,62 @@ def test_a_traced_token_scrolled_out_of_the_window(exact_trace):
         v.set_step(0)  # scrub back: it is in the window again
         v.screenshot()
         assert v.tracer_actor.GetVisibility()
+
+
+def test_help_overlay_is_aligned_and_drawn_above_the_labels(viewer):
+    viewer.press("h")
+    lines = viewer.help_overlay.GetInput().splitlines()
+    assert len({len(line) for line in lines}) == 1  # padded: centred as a block
+    assert any(line.strip().startswith("s  save a screenshot") for line in lines)
+    viewer.set_state(traced=3)  # may add label actors: the help stays the last overlay
+    props = viewer.city_renderer.GetViewProps()
+    assert props.GetItemAsObject(props.GetNumberOfItems() - 1) is viewer.help_overlay
+
+
+def test_screenshot_key_and_state_file(viewer, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRACEKIT_VIEW_STATE", str(tmp_path / "state.json"))
+    viewer.press("Home")
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 0
+    viewer.press("s")
+    viewer.press("s")
+    assert capsys.readouterr().out == ("wrote tracekit-view-step0.png\n"
+                                       "wrote tracekit-view-step0-1.png\n")
+    import imageio.v3 as iio
+
+    assert iio.imread(tmp_path / "tracekit-view-step0.png").shape == (480, 640, 3)
+    st = json.loads((tmp_path / "state.json").read_text())
+    assert st["screenshot"] == "tracekit-view-step0-1.png" and st["window_size"] == [640, 480]
+    assert viewer.hover_text.GetInput() == "saved tracekit-view-step0-1.png"
+
+
+def test_a_new_window_size_refits_the_panels_and_moves_the_play_button(viewer):
+    before = viewer.play_button_bounds
+    keys = dict(viewer._panel_keys)
+    viewer.plotter.window_size = (800, 640)
+    viewer.plotter.iren.interactor.InvokeEvent("ConfigureEvent")
+    assert viewer.play_button_bounds != before
+    assert viewer._panel_keys != keys
+    x0, x1, y0, y1 = viewer.play_button_bounds
+    assert x1 < 0.10 * 0.6 * 800  # left of the step slider's track
+    assert y0 < 0.06 * 0.6 * 640 < y1  # at its height
+
+
+def test_an_interactive_window_never_uses_an_off_screen_window_class(monkeypatch):
+    import os
+
+    from tracekit_viewer import _vtkenv
+
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    _vtkenv.prepare(off_screen=True)  # off-screen: the user's choice stands
+    assert os.environ["VTK_DEFAULT_OPENGL_WINDOW"] == "vtkEGLRenderWindow"
+    _vtkenv.prepare(off_screen=False)
+    assert os.environ["VTK_DEFAULT_OPENGL_WINDOW"] == "vtkXOpenGLRenderWindow"
+    monkeypatch.delenv("DISPLAY")
+    monkeypatch.delenv("VTK_DEFAULT_OPENGL_WINDOW")
+    _vtkenv.prepare(off_screen=True)  # no display: EGL
+    assert os.environ["VTK_DEFAULT_OPENGL_WINDOW"] == "vtkEGLRenderWindow"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,12 @@ TEXT_RGB = (0.92, 0.92, 0.92)
 ARC_WIDTHS = (1.0, 2.0, 3.5, 5.5)
 PREFETCH_STEPS = 4
 HOVER_INTERVAL = 0.08  # seconds between hover picks
+#: Ends of the step slider in the city's viewport (0..1), and the play button's size (pixels).
+STEP_SLIDER = ((0.10, 0.06), (0.70, 0.06))
+PLAY_BUTTON_SIZE = 28
+#: When set, the viewer writes its state as JSON to this file after every change (for scripts
+#: and the test that drives a real window).
+STATE_FILE_VARIABLE = "TRACEKIT_VIEW_STATE"
 CITY_CMAP, ARC_CMAP, SIGNED_CMAP, ATTN_CMAP = "viridis", "plasma", "RdBu_r", "magma"
 
 
@@ -392,10 +398,16 @@ class CityViewer:
                                        valign="center", mono=True)
         prop = self.help_overlay.GetTextProperty()
         prop.SetBackgroundColor(0.0, 0.0, 0.0)
-        prop.SetBackgroundOpacity(0.85)
+        prop.SetBackgroundOpacity(0.95)
         prop.SetFrame(True)
-        self.help_overlay.SetInput(help_text())
+        # centred as a block, left-aligned inside: pad every line to the same width
+        lines = help_text().splitlines()
+        width = max(len(line) for line in lines)
+        self.help_overlay.SetInput("\n".join(f" {line.ljust(width)} " for line in lines))
         self.help_overlay.SetVisibility(False)
+        prop = self.hover_text.GetTextProperty()
+        prop.SetBackgroundColor(*BACKGROUND)
+        prop.SetBackgroundOpacity(0.8)
 
     def _build_widgets(self) -> None:
         self.plotter.subplot(0, 0)
@@ -403,7 +415,7 @@ class CityViewer:
         # slider end points are relative to the city's viewport
         self.step_slider = self.plotter.add_slider_widget(
             self._on_step_slider, [0, max(1, n - 1)], value=self.state.step, title="step",
-            pointa=(0.10, 0.06), pointb=(0.70, 0.06), style="modern", fmt="%.0f",
+            pointa=STEP_SLIDER[0], pointb=STEP_SLIDER[1], style="modern", fmt="%.0f",
             interaction_event="always", title_height=0.025, slider_width=0.025,
             tube_width=0.006)
         self.threshold_slider = self.plotter.add_slider_widget(
@@ -411,11 +423,21 @@ class CityViewer:
             title="arc threshold", pointa=(0.76, 0.06), pointb=(0.96, 0.06), style="modern",
             fmt="%.2f", interaction_event="always", title_height=0.025, slider_width=0.025,
             tube_width=0.006)
-        x0, y0, _, _ = self.city_renderer.GetViewport()
-        w, h = self.plotter.window_size
         self.play_button = self.plotter.add_checkbox_button_widget(
-            self._on_play_button, value=self.state.playing,
-            position=(x0 * w + 12, y0 * h + 12), size=28, color_on="orange", color_off="grey")
+            self._on_play_button, value=self.state.playing, position=(0.0, 0.0),
+            size=PLAY_BUTTON_SIZE, color_on="orange", color_off="grey")
+        self._place_play_button()
+
+    def _place_play_button(self) -> None:
+        """Put the play button just left of the step slider (its bounds are pixels from the
+        city viewport's corner, so they are set again when the window changes size)."""
+        vx0, vy0, vx1, vy1 = self.city_renderer.GetViewport()
+        w, h = self.plotter.window_size
+        size = PLAY_BUTTON_SIZE
+        x = max(2.0, STEP_SLIDER[0][0] * (vx1 - vx0) * w - size - 14)
+        y = max(2.0, STEP_SLIDER[0][1] * (vy1 - vy0) * h - size / 2)
+        self.play_button_bounds = (x, x + size, y, y + size)
+        self.play_button.GetRepresentation().PlaceWidget([*self.play_button_bounds, 0, 0])
 
     def _bind_events(self) -> None:
         iren = self.plotter.iren
@@ -427,6 +449,19 @@ class CityViewer:
         iren.add_observer("MouseMoveEvent", self._on_mouse_move)
         iren.add_observer("LeftButtonPressEvent", self._on_left_press)
         iren.add_observer("TimerEvent", self._on_timer)
+        iren.add_observer("ConfigureEvent", self._on_configure)
+        self._size = tuple(self.plotter.window_size)
+
+    def _on_configure(self, *_: Any) -> None:
+        """The window changed size: refit the panels and move the play button."""
+        size = tuple(self.plotter.window_size)
+        if size == self._size:
+            return
+        self._size = size
+        self._panel_keys.clear()
+        if self.widgets:
+            self._place_play_button()
+        self.update()
 
     # -- updating ---------------------------------------------------------------------------
     def update(self, render: bool | None = None) -> Frame:
@@ -447,7 +482,23 @@ class CityViewer:
             self._prefetch()
         if render if render is not None else not self.off_screen:
             self.plotter.render()
+        self._dump_state()
         return fr
+
+    def _dump_state(self, **extra: Any) -> None:
+        """Write the state, the window size and the hover line as JSON, atomically, to the
+        file named by ``TRACEKIT_VIEW_STATE`` (when set)."""
+        import json
+
+        path = os.environ.get(STATE_FILE_VARIABLE)
+        if not path:
+            return
+        data = {**asdict(self.state), "window_size": list(self.plotter.window_size),
+                "hover": self.last_pick.text, **extra}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
 
     def _update_city(self, fr: CityFrame) -> None:
         st, lay = self.state, self.layout
@@ -639,6 +690,11 @@ class CityViewer:
         lines.append("h: help")
         self.status.SetInput("\n".join(lines))
         self.help_overlay.SetVisibility(st.help)
+        if st.help:  # overlays are drawn in order: keep the help above labels added later
+            props = self.city_renderer.GetViewProps()
+            if props.GetItemAsObject(props.GetNumberOfItems() - 1) is not self.help_overlay:
+                self.city_renderer.RemoveViewProp(self.help_overlay)
+                self.city_renderer.AddViewProp(self.help_overlay)
         self.hover_text.SetInput(self.last_pick.text)
 
     # -- panels -----------------------------------------------------------------------------
@@ -694,6 +750,20 @@ class CityViewer:
         ren.ResetCameraClippingRange()
         ren.camera.is_set = True  # keep pyvista from resetting it on the first render
 
+    def _margins(self, name: str, rows: int, chars: int = 10) -> tuple[float, float]:
+        """Rows of space to leave under a panel's ``rows`` rows for its slanted column
+        labels of up to ``chars`` characters, and above them for its title, so that neither
+        is cut off or overlaps the matrix."""
+        _, vy0, _, vy1 = self.panel_renderers[name].GetViewport()
+        height = (vy1 - vy0) * self.plotter.window_size[1]
+        below = 0.55 * self._fs(10) * chars * 0.87 + 4  # pixels: text slanted at 60 degrees
+        above = 1.9 * self._fs(13)
+        if height <= 2 * (below + above):
+            return 5.0, 2.5
+        # m rows of margin take m / (rows + all margins) of the height
+        per_row = (height - below - above) / rows
+        return max(4.0, below / per_row), max(1.5, above / per_row)
+
     def _axis_labels(self, name: str, n: int, axis: int) -> np.ndarray:
         """Which of ``n`` rows (axis 1) or columns (axis 0) of a panel get a label: as many
         as fit without overlapping."""
@@ -736,7 +806,8 @@ class CityViewer:
                 i = c.traced - p.positions.start
                 boxes.append((0, -i - 1, len(p.dims), -i, TRACED_RGB))
         self._set_outline("layer", boxes)
-        self._fit_panel("layer", -7.0, len(p.dims) + 6.0, -n - 4.0, 2.5)
+        below, above = self._margins("layer", n, 5)
+        self._fit_panel("layer", -7.0, len(p.dims) + 6.0, -n - below, above)
 
     def _update_attention(self, p: AttentionPanel | None) -> None:
         rows_l, cols_l = self.panel_labels["attention"]
@@ -765,11 +836,12 @@ class CityViewer:
                                     np.zeros(len(slots))]),
                    [f"{p.queries.start + s} {_short(p.texts[s], 8)}" for s in slots])
         kslots = self._axis_labels("attention", len(p.keys), 0)
-        ctexts = [f"{_short(p.texts[s], 8)}" for s in kslots]
+        ctexts = [f"{p.keys.start + s} {_short(p.texts[s], 6)}" for s in kslots]
         cx = kslots + off + 0.5
-        if off:
-            cx = np.concatenate([[0.5], cx])
-            ctexts = ["earlier"] + ctexts
+        if off:  # the "earlier" column's label takes the place of the first key's
+            keep = kslots > 0
+            cx = np.concatenate([[0.5], cx[keep]])
+            ctexts = ["earlier"] + [t for t, k in zip(ctexts, keep, strict=True) if k]
         cols_l.set(np.column_stack([cx, np.full(len(cx), -nq - 0.3), np.zeros(len(cx))]),
                    ctexts)
         boxes = []
@@ -782,7 +854,8 @@ class CityViewer:
             boxes.append((0, -i - 1, nk, -i, TRACED_RGB))  # the attention it gives
             boxes.append((i + off, -nq, i + off + 1, 0, TRACED_RGB))  # ... and receives
         self._set_outline("attention", boxes)
-        self._fit_panel("attention", -7.0, nk + 6.0, -nq - 5.0, 2.5)
+        below, above = self._margins("attention", nq)
+        self._fit_panel("attention", -7.0, nk + 6.0, -nq - below, above)
 
     def _update_token(self, p: TokenPanel | None) -> None:
         rows_l, cols_l = self.panel_labels["token"]
@@ -807,10 +880,14 @@ class CityViewer:
         else:
             self._set_image("token", np.zeros((0, 0)), (-1, 1))
         # as many rows labelled (and annotated) as fit, the top (last) point always
-        _, vy0, _, vy1 = self.panel_renderers["token"].GetViewport()
+        vx0, vy0, vx1, vy1 = self.panel_renderers["token"].GetViewport()
         pitch = (vy1 - vy0) * self.plotter.window_size[1] / height
+        two_lines = pitch >= 2.6 * self._fs(9)
         shown = set(label_slots(n_pts, max(2, int(n_pts * pitch / (self._fs(9) * 1.5))),
                                 [n_pts - 1]).tolist())
+        # the notes start at 0.48 of the panel's width: cut them to what is left
+        note_px = 0.5 * (vx1 - vx0) * self.plotter.window_size[0]
+        note_chars = max(8, int(note_px / (0.6 * self._fs(9))))
         rows = np.array(sorted(shown), dtype=np.int64)
         rows_l.set(np.column_stack([np.full(len(rows), -0.3), -(n_pts - rows - 0.5),
                                     np.zeros(len(rows))]), [p.point_labels[i] for i in rows])
@@ -848,7 +925,8 @@ class CityViewer:
                              f"std {p.ln_std[i]:.3g}")
             if p.lens:
                 parts.append("lens " + " ".join(f"{t} {pr:.0%}" for t, pr in p.lens[i]))
-            notes.append("  ".join(parts))
+            lines = parts if two_lines else ["  ".join(parts)]
+            notes.append("\n".join(_short(line, note_chars) for line in lines))
             note_xyz.append([bx + blen + 0.02 * width, -(n_pts - 1 - i) - 0.5, 0.0])
         if quads:
             q = np.array(quads, float).reshape(-1, 3)
@@ -971,8 +1049,12 @@ class CityViewer:
         source.prefetch(job)
 
     def _on_mouse_move(self, *_: Any) -> None:
-        x, y = self.plotter.iren.interactor.GetEventPosition()
+        iren = self.plotter.iren.interactor
+        x, y = iren.GetEventPosition()
         self._mouse = (x, y)
+        style = iren.GetInteractorStyle()
+        if style is not None and style.GetState() != 0:
+            return  # rotating, panning, zooming or dragging a slider: no picking
         now = time.monotonic()
         if now - self._hover_at < HOVER_INTERVAL:
             return
@@ -990,9 +1072,11 @@ class CityViewer:
         """Show the exact values under display position (x, y) in the hover line."""
         info = self.pick(x, y)
         self.last_pick = info
-        self.hover_text.SetInput(info.text)
-        if not self.off_screen:
-            self.plotter.render()
+        if self.hover_text.GetInput() != info.text:
+            self.hover_text.SetInput(info.text)
+            if not self.off_screen:
+                self.plotter.render()
+            self._dump_state()
         return info
 
     def pick(self, x: int, y: int) -> PickInfo:
@@ -1191,8 +1275,27 @@ class CityViewer:
 
     def action_quit(self) -> None:
         self.set_state(playing=False)
+        self._dump_state(quit=True)
         if not self.off_screen:
             self.plotter.iren.interactor.TerminateApp()
+
+    def action_save_screenshot(self) -> str:
+        """Write the window as ``tracekit-view-step<N>.png`` in the current folder (a new
+        name if it exists), say so in the hover line and on stdout; returns the path."""
+        import imageio.v3 as iio
+
+        base = f"tracekit-view-step{self.state.step}"
+        path, n = f"{base}.png", 1
+        while os.path.exists(path):
+            path, n = f"{base}-{n}.png", n + 1
+        iio.imwrite(path, self.screenshot())
+        print(f"wrote {path}", flush=True)
+        self.last_pick = PickInfo("none", text=f"saved {path}")
+        self.hover_text.SetInput(self.last_pick.text)
+        if not self.off_screen:
+            self.plotter.render()
+        self._dump_state(screenshot=path)
+        return path
 
     def press(self, keysym: str) -> None:
         """Deliver a key press exactly as the window would (for scripts and tests)."""

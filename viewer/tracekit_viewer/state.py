@@ -92,6 +92,7 @@ KEYMAP: tuple[tuple[str, str, str], ...] = (
     ("3", "camera: top", "view_top"),
     ("0", "camera: three-quarter", "view_iso"),
     ("Escape", "clear focus and tracing", "clear"),
+    ("s", "save a screenshot (PNG, current folder)", "save_screenshot"),
     ("h", "show / hide this help", "toggle_help"),
     ("question", "show / hide this help", "toggle_help"),
     ("q", "quit", "quit"),
