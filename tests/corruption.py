@@ -194,6 +194,19 @@ def _(t: Path) -> None:
     edit_json(t / "zarr.json", lambda r: r.update(node_type="array"))
 
 
+@_z("consolidated-shape-disagrees", None, "consolidated metadata disagrees .* on shape")
+def _(t: Path) -> None:
+    # Only the copy xarray reads is changed: tracekit reads the array's own zarr.json.
+    def apply(root: dict[str, Any]) -> None:
+        root["consolidated_metadata"]["metadata"]["residual"]["shape"][0] += 5
+    edit_json(t / "zarr.json", apply)
+
+
+@_z("consolidated-array-missing", None, "missing from the consolidated metadata")
+def _(t: Path) -> None:
+    edit_json(t / "zarr.json", lambda r: r["consolidated_metadata"]["metadata"].pop("mlp_out"))
+
+
 @_z("metadata-missing", NotATraceError, "tracekit")
 def _(t: Path) -> None:
     edit_json(t / "zarr.json", lambda r: r["attributes"].pop("tracekit"))

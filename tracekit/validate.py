@@ -1,10 +1,11 @@
 """``tracekit validate``: check a trace against the spec, one precise line per problem.
 
 Checks, in order: it opens and is a trace; the metadata follows the JSON Schema and version
-rules; every promised array exists with the right dimension names, shape and dtype, and only
-allowlisted codecs; coordinates match the metadata; the commit counter, step table and token
-table agree; no committed chunk is missing; and (unless ``quick``) every committed chunk
-decodes.
+rules; copies of the metadata agree (zarr's consolidated metadata, which xarray reads, and
+each array's own, which tracekit reads); every promised array exists with the right dimension
+names, shape and dtype, and only allowlisted codecs; coordinates match the metadata; the
+commit counter, step table and token table agree; no committed chunk is missing; and (unless
+``quick``) every committed chunk decodes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def validate(path: str | os.PathLike[str], *, quick: bool = False,
         backend.close()
         return [str(exc)]
     problems = schema_errors(meta)
+    try:
+        problems += backend.metadata_problems()
+    except TraceError as exc:
+        problems.append(str(exc))
     try:
         trace = Trace(backend, Path(path))
     except TraceError as exc:

@@ -101,6 +101,11 @@ class Backend(ABC):
     def get_array(self, name: str) -> StoredArray:
         """The array, after its codecs and dtype passed the allowlist."""
 
+    def metadata_problems(self) -> list[str]:
+        """Disagreements between copies of the metadata the container keeps (zarr's
+        consolidated metadata against each array's own), one line each."""
+        return []
+
     def begin_streaming(self) -> None:
         """Called once every object exists; from now on only array data changes."""
 

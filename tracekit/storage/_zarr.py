@@ -517,6 +517,33 @@ class ZarrBackend(Backend):
         return ZarrArray(name, self.path / name, meta, self._group.store,  # type: ignore[operator]
                          writable=not self._group.read_only)
 
+    def metadata_problems(self) -> list[str]:
+        """tracekit reads each array's own zarr.json; xarray and zarr read the consolidated
+        copy in the group's. Where they differ, those tools would see another trace."""
+        root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+        consolidated = root.get("consolidated_metadata")
+        if consolidated is None:
+            return []
+        inline = consolidated.get("metadata") if isinstance(consolidated, dict) else None
+        if not isinstance(inline, dict):
+            return ["consolidated metadata is malformed (no 'metadata' object)"]
+        problems = []
+        names = self.array_names()
+        for name in names:
+            own = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+            if name not in inline:
+                problems.append(f"array {name!r} is missing from the consolidated metadata")
+            elif inline[name] != own:
+                keys = sorted(k for k in set(own) | set(inline[name])
+                              if own.get(k) != inline[name].get(k))
+                problems.append(f"array {name!r}: consolidated metadata disagrees with its "
+                                f"zarr.json on {', '.join(keys)}")
+        extra = sorted(set(inline) - set(names))
+        if extra:
+            problems.append(f"consolidated metadata lists array(s) not in the trace: "
+                            f"{', '.join(extra)}")
+        return problems
+
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
         """Move the fully laid out trace to its final name, then keep writing there."""
