@@ -176,14 +176,40 @@ class Capture:
     def _stack(self, name: str, keys: Iterable[int]) -> torch.Tensor:
         """The captured tensors of ``name`` for ``keys`` stacked on axis 1, on the device of
         the first (a model spread over devices moves the others there)."""
+        return self._stack_many([(name, k) for k in keys])
+
+    def _stack_many(self, wanted: list[tuple[str, int]]) -> torch.Tensor:
         try:
-            parts = [self._buf[(name, k)] for k in keys]
+            parts = [self._buf[key] for key in wanted]
         except KeyError as exc:
             raise RecorderError(
-                f"no {name} was captured for layer/point {exc.args[0][1]} in this step "
-                f"(the module's hook did not run)") from exc
+                f"no {exc.args[0][0]} was captured for layer/point {exc.args[0][1]} in this "
+                f"step (the module's hook did not run)") from exc
         device = parts[0].device
         return torch.stack([p if p.device == device else p.to(device) for p in parts], dim=1)
+
+    def _stream_vectors(self, out: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Residual stream, attention out and MLP out (all d_model wide) stacked together, so
+        norms, the cast and the copy to the host are one operation each per step, not three.
+        Returns the residual part (model dtype, on the device) for the logit lens."""
+        groups = [(name, keys) for name, keys in (
+            ("residual", self.points), ("attn_out", self.layers), ("mlp_out", self.layers))
+            if name in self.groups]
+        if not groups:
+            return None
+        x = self._stack_many([(name, k) for name, keys in groups for k in keys])
+        norms = torch.linalg.vector_norm(x.float(), dim=-1).cpu()
+        stored = x.to(self.dtype).cpu()  # x is a fresh stack, never the model's memory
+        at = 0
+        residual = None
+        for name, keys in groups:
+            width = len(keys)
+            out[name] = stored[:, at: at + width]
+            out[f"{name}_norm"] = norms[:, at: at + width]
+            if name == "residual":
+                residual = x[:, at: at + width]
+            at += width
+        return residual
 
     def _vectors(self, name: str, keys: Iterable[int], out: dict[str, torch.Tensor],
                  with_norm: bool = True) -> torch.Tensor:
@@ -227,15 +253,11 @@ class Capture:
         groups = self.groups
         out: dict[str, torch.Tensor] = {}
         residual = None
-        if "residual" in groups:
-            residual = self._vectors("residual", self.points, out)
-        elif self.keep_raw:
+        residual = self._stream_vectors(out)
+        if residual is None and self.keep_raw:
             residual = self._stack("residual", self.points)
         if self.keep_raw and residual is not None:
             self._raw = {p: residual[:, j] for j, p in enumerate(self.points)}
-        for role in ("attn_out", "mlp_out"):
-            if role in groups:
-                self._vectors(role, self.layers, out)
         if "attention" in groups:
             self._attention_arrays(out)
         if "neurons" in groups:
