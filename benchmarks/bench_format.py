@@ -132,7 +132,9 @@ def main() -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\nmachine: {os.cpu_count()} cores; targets: write >= 0.5x raw, read p95 <= 3x raw")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nmachine: {os.cpu_count()} cores, load average {load}; targets: write >= 0.5x raw, "
+          f"read p95 <= 3x raw")
 
 
 if __name__ == "__main__":

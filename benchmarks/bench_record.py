@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -349,7 +350,9 @@ def print_table(rows: list[dict], variants: list[str], tl_python: str | None) ->
         cells.append(" / ".join(_fmt(g, ".0f") for g in growth))
         cells.append(_fmt(core.get("disk_mb"), ".1f"))
         print("| " + " | ".join(cells) + " |")
-    print("ratios: wall time (CPU time of all threads in parentheses)")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"ratios: wall time (CPU time of all threads in parentheses); {os.cpu_count()} cores, "
+          f"load average at the end {load}")
     for r in rows:
         for key, d in r.items():
             if isinstance(d, dict) and d.get("error"):
