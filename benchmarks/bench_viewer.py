@@ -109,10 +109,7 @@ class BareScene:
 
 def scene_counts(viewer) -> tuple[int, int, int]:
     """(boxes, line points, line cells) the viewer drew in its last frame."""
-    boxes = viewer.columns.n_cells // 6
-    pts = sum(m.n_points for m in viewer.arcs) + viewer.links.n_points
-    cells = sum(m.n_cells for m in viewer.arcs) + viewer.links.n_cells
-    return boxes, pts, cells
+    return viewer.scene_size()
 
 
 def bench_frames(trace: Path, frames: int, panels: bool) -> dict:

@@ -152,7 +152,7 @@ def test_camera_presets_and_layer_focus(viewer):
     assert viewer.state.focus == 0 and viewer.frame.layer.floor == 0
     assert np.linalg.norm(np.subtract(cam.GetPosition(), cam.GetFocalPoint())) < before
     assert cam.GetFocalPoint()[2] == pytest.approx(viewer.layout.max_height / 2)
-    alpha = np.asarray(viewer.columns.cell_data["rgba"])[:, 3].reshape(-1, 6)[:, 0]
+    alpha = np.asarray(viewer.columns.point_data["rgba"])[:, 3].reshape(-1, 8)[:, 0]
     floors = viewer._boxes[0]
     visible = alpha > 0
     assert (alpha[(floors == 0) & visible] == 255).all()

@@ -66,6 +66,8 @@ from .state import (
 
 __all__ = ["CityViewer", "PickInfo", "open_viewer"]
 
+_VTK_FLOAT = 10  # vtkType.h: VTK_FLOAT
+
 BACKGROUND = (0.06, 0.07, 0.09)
 PANEL_BACKGROUND = (0.10, 0.11, 0.13)
 TEXT_RGB = (0.92, 0.92, 0.92)
@@ -256,19 +258,26 @@ class CityViewer:
 
     def _build_city(self) -> None:
         pv = self._pv
+        # Colours per point (all 8 corners of a box alike), not per face: the mapper then
+        # needs no cell-to-colour map, rebuilt on every frame. Closed boxes: back faces are
+        # never seen, so they are culled (a third less to rasterize on a software renderer).
         self.columns = pv.PolyData(np.zeros((8, 3)), faces=box_faces(1))
-        self.columns.cell_data["rgba"] = np.zeros((6, 4), np.uint8)
-        self.columns_actor = self._add_rgba_mesh(self.columns, name="columns", lighting=True)
+        self.columns.point_data["rgba"] = np.zeros((8, 4), np.uint8)
+        self.columns_actor = self._add_rgba_mesh(self.columns, name="columns", lighting=True,
+                                                 culling="back")
         self.columns_actor.prop.ambient = 0.35
         self.arcs = []
         self.arc_actors = []
+        self._arc_lines = []
         for b in range(WIDTH_BINS):
-            mesh = self._empty_lines()
+            mesh = self._empty_lines(point=True)
             actor = self._add_rgba_mesh(mesh, name=f"arcs{b}", line_width=ARC_WIDTHS[b],
                                         lighting=False)
             self.arcs.append(mesh)
             self.arc_actors.append(actor)
-        self.links = self._empty_lines()
+            self._arc_lines.append(_Polylines(mesh, self.layout.arc_segments))
+        self.links = self._empty_lines(point=True)
+        self._link_lines = _Polylines(self.links, 2)
         self.links_actor = self._add_rgba_mesh(self.links, name="links", line_width=1.0,
                                                lighting=False)
         self.links_actor.SetPickable(False)
@@ -291,9 +300,12 @@ class CityViewer:
                                     bold=True)
         self.scalar_bar = self._make_scalar_bar(self.city_renderer, self._city_lut)
 
-    def _empty_lines(self) -> Any:
+    def _empty_lines(self, point: bool = False) -> Any:
         mesh = self._pv.PolyData(np.zeros((2, 3)), lines=np.array([2, 0, 1]))
-        mesh.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
+        if point:
+            mesh.point_data["rgba"] = np.zeros((2, 4), np.uint8)
+        else:
+            mesh.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
         return mesh
 
     def _make_scalar_bar(self, renderer: Any, lut_rgb: np.ndarray, title: str = "",
@@ -355,12 +367,9 @@ class CityViewer:
             ren = self.plotter.renderer
             ren.set_background(PANEL_BACKGROUND)
             self.panel_renderers[name] = ren
-            image = pv.ImageData(dimensions=(2, 2, 1))
-            image.cell_data["value"] = np.zeros(1, np.float32)
-            actor = self.plotter.add_mesh(image, scalars="value", cmap=cmap, clim=(-1, 1),
-                                          show_scalar_bar=False, lighting=False,
-                                          nan_color=(0.25, 0.25, 0.28), reset_camera=False,
-                                          name=f"{name}-image")
+            # A heatmap is an image drawn as one texture (one quad), not a mesh of cells:
+            # updating it re-colours a few thousand pixels, nothing is re-tessellated.
+            image, actor = _image_actor(ren, _lut(cmap))
             self.images[name] = image
             self.image_actors[name] = actor
             outline = self._empty_lines()
@@ -512,10 +521,10 @@ class CityViewer:
         n_boxes = len(vals)
         if self._groups is None or not np.array_equal(self._groups, fr.groups):
             _replace(self.columns, pts, faces=box_faces(n_boxes),
-                     rgba=np.repeat(rgba, 6, axis=0))
+                     rgba=np.repeat(rgba, 8, axis=0), point=True)
             self._groups = fr.groups.copy()
         else:
-            _write(self.columns, pts, np.repeat(rgba, 6, axis=0))
+            _write(self.columns, pts, np.repeat(rgba, 8, axis=0), point=True)
         self._boxes = (floors, first, span)
         self.columns_actor.SetVisibility(st.show_columns)
 
@@ -544,17 +553,10 @@ class CityViewer:
         if fr.focus is not None:
             fade = (arcs.floor != fr.focus) & (arcs.kind == 0)
             rgba[fade, 3] = (rgba[fade, 3] * lay.fade_alpha).astype(np.uint8)
-        seg = lay.arc_segments
         for b in range(WIDTH_BINS):
             idx = np.flatnonzero(bins == b)
             self._arc_index[b] = idx
-            mesh = self.arcs[b]
-            if len(idx):
-                _replace(mesh, pts[idx].reshape(-1, 3), lines=arc_lines(len(idx), seg),
-                         rgba=rgba[idx])
-            else:
-                _replace(mesh, np.zeros((2, 3)), lines=np.array([2, 0, 1]),
-                         rgba=np.zeros((1, 4), np.uint8))
+            self._arc_lines[b].set(pts[idx], rgba[idx])
             self.arc_actors[b].SetVisibility(self.state.show_arcs)
 
     def _update_links(self, fr: CityFrame, col_h: np.ndarray) -> None:
@@ -562,8 +564,7 @@ class CityViewer:
         n_floors, cap = col_h.shape
         pts = link_segments(col_h, fr.n_cols, lay)
         if len(pts) == 0:
-            _replace(self.links, np.zeros((2, 3)), lines=np.array([2, 0, 1]),
-                     rgba=np.zeros((1, 4), np.uint8))
+            self._link_lines.set(np.zeros((0, 2, 3)), np.zeros((0, 4), np.uint8))
             return
         n_seg = len(pts) // 2
         contrib = np.full((n_floors, cap), np.nan)
@@ -591,15 +592,7 @@ class CityViewer:
         keep = (slot % every == 0) | cur
         if fr.traced is not None and fr.start <= fr.traced < fr.end:
             keep |= slot == fr.traced - fr.start
-        pts = pts.reshape(-1, 2, 3)[keep].reshape(-1, 3)
-        rgba = rgba[keep]
-        n_seg = len(rgba)
-        lines = np.column_stack([np.full(n_seg, 2), 2 * np.arange(n_seg),
-                                 2 * np.arange(n_seg) + 1]).reshape(-1)
-        if self.links.n_points == len(pts):
-            _write(self.links, pts, rgba)
-        else:
-            _replace(self.links, pts, lines=lines, rgba=rgba)
+        self._link_lines.set(pts.reshape(-1, 2, 3)[keep], rgba[keep])
         self.links_actor.SetVisibility(self.state.show_links)
 
     def _update_plates(self, fr: CityFrame, n_floors: int) -> None:
@@ -708,14 +701,26 @@ class CityViewer:
                    spacing: float = 1.0) -> None:
         """Show ``matrix`` (row 0 at the top) as the panel's image; cells are ``spacing``
         wide and 1 high."""
+        from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
         image = self.images[name]
         ny, nx = matrix.shape if matrix.size else (1, 1)
-        data = matrix if matrix.size else np.full((1, 1), np.nan)
-        image.dimensions = (nx + 1, ny + 1, 1)
-        image.spacing = (spacing, 1.0, 1.0)
-        image.origin = (0.0, -float(ny), 0.0)
-        image.cell_data["value"] = np.ascontiguousarray(data[::-1].astype(np.float32)).ravel()
-        self.image_actors[name].mapper.scalar_range = clim
+        data = (matrix if matrix.size else np.full((1, 1), np.nan))[::-1].astype(np.float32)
+        # pixel (i, j) is centred on the cell [i, i + 1] x spacing, [j - ny, j - ny + 1]
+        if image.GetDimensions() != (nx, ny, 1):
+            image.SetDimensions(nx, ny, 1)
+        image.SetSpacing(spacing, 1.0, 1.0)
+        image.SetOrigin(0.5 * spacing, 0.5 - ny, 0.0)
+        old = image.GetPointData().GetScalars()
+        if old is not None and old.GetNumberOfTuples() == data.size:
+            vtk_to_numpy(old)[:] = data.ravel()
+            old.Modified()
+        else:
+            arr = numpy_to_vtk(np.ascontiguousarray(data.ravel()), deep=True)
+            arr.SetName("value")
+            image.GetPointData().SetScalars(arr)
+        image.Modified()
+        self.image_actors[name].GetProperty().GetLookupTable().SetRange(*clim)
 
     def _set_outline(self, name: str, boxes: list[tuple[float, float, float, float, tuple]]
                      ) -> None:
@@ -1094,8 +1099,10 @@ class CityViewer:
                                                              self.arc_actors]
         elif self.panels:
             for name, r in self.panel_renderers.items():
-                if ren is r:
-                    candidates = [(self.image_actors[name], name)]
+                if ren is r and self.image_actors[name].GetVisibility():
+                    cell = self._image_cell(name, x, y)
+                    return PickInfo("none") if cell is None else self._describe(
+                        name, self.image_actors[name], cell, (0.0, 0.0, 0.0))
         for actor, _ in candidates:
             if actor.GetVisibility():
                 picker.AddPickList(actor)
@@ -1107,6 +1114,21 @@ class CityViewer:
             if a is actor and cell >= 0:
                 return self._describe(kind, actor, cell, world)
         return PickInfo("none")
+
+    def _image_cell(self, name: str, x: int, y: int) -> int | None:
+        """The pixel of a panel's heatmap under display position (x, y), numbered from the
+        bottom row as VTK numbers an image's points; None outside it."""
+        ren = self.panel_renderers[name]
+        ren.SetDisplayPoint(float(x), float(y), 0.0)
+        ren.DisplayToWorld()
+        wx, wy, _, w = ren.GetWorldPoint()
+        image = self.images[name]
+        nx, ny, _ = image.GetDimensions()
+        sx = image.GetSpacing()[0]
+        ox, oy, _ = image.GetOrigin()
+        i = int(np.floor((wx / w - ox) / sx + 0.5))
+        j = int(np.floor(wy / w - oy + 0.5))
+        return j * nx + i if 0 <= i < nx and 0 <= j < ny else None
 
     def _describe(self, kind: str, actor: Any, cell: int, world: Sequence[float]) -> PickInfo:
         fr = self.frame
@@ -1130,18 +1152,22 @@ class CityViewer:
                             text="   ".join(parts))
         if kind == "arc":
             b = self.arc_actors.index(actor)
-            i = int(self._arc_index[b][cell])
+            if not len(self._arc_index[b]):
+                return PickInfo("none")
+            # lines past the ones shown are collapsed onto the first line's first point
+            i = int(self._arc_index[b][cell if cell < len(self._arc_index[b]) else 0])
             a = c.arcs
             q, k, f, w = int(a.query[i]), int(a.key[i]), int(a.floor[i]), float(a.weight[i])
             return PickInfo("arc", position=q, floor=f, key=k, value=w, text=(
                 f"L{src.floors[f]} {head_label(c.heads)}: query {q} {src.token_text(q)!r} "
                 f"attends to key {k} {src.token_text(k)!r} with weight {w:.4f}"))
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+
         image = self.images[kind]
-        nx = image.dimensions[0] - 1
-        ny = image.dimensions[1] - 1
+        nx, ny, _ = image.GetDimensions()
         col, row_from_bottom = cell % nx, cell // nx
         row = ny - 1 - row_from_bottom
-        value = float(image.cell_data["value"][cell])
+        value = float(vtk_to_numpy(image.GetPointData().GetScalars())[cell])
         if kind == "layer" and fr.layer is not None:
             p = fr.layer
             pos = p.positions.start + row
@@ -1304,6 +1330,13 @@ class CityViewer:
         iren.SetKeyCode(keysym if len(keysym) == 1 else "\0")
         iren.InvokeEvent("KeyPressEvent")
 
+    def scene_size(self) -> tuple[int, int, int]:
+        """(boxes, line points, lines) drawn by the last frame in the city (arcs and
+        residual links; room kept for more lines is not counted)."""
+        lines = [*self._arc_lines, self._link_lines]
+        return (self.columns.GetNumberOfCells() // 6,
+                sum(p.count * p.length for p in lines), sum(p.count for p in lines))
+
     # -- output -----------------------------------------------------------------------------
     def screenshot(self) -> np.ndarray:
         """The current window as an RGB array [height, width, 3]."""
@@ -1334,27 +1367,136 @@ class CityViewer:
         self.close()
 
 
-def _write(mesh: Any, points: np.ndarray, rgba: np.ndarray) -> None:
-    """Copy new point positions and cell colours into a mesh's existing arrays."""
-    mesh.points[:] = points
-    mesh.GetPoints().Modified()
-    arr = mesh.cell_data["rgba"]
-    arr[:] = rgba
-    mesh.GetCellData().GetArray("rgba").Modified()
+def _set_points(mesh: Any, points: np.ndarray) -> None:
+    """Give a mesh these points: copied into its point array when the count is the same."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
+    pts = np.asarray(points, np.float32).reshape(-1, 3)
+    old = mesh.GetPoints()
+    if (old is not None and old.GetNumberOfPoints() == len(pts)
+            and old.GetDataType() == _VTK_FLOAT):
+        vtk_to_numpy(old.GetData())[:] = pts
+        old.Modified()
+    else:
+        import vtk
+
+        new = vtk.vtkPoints()
+        new.SetData(numpy_to_vtk(np.ascontiguousarray(pts), deep=True))
+        mesh.SetPoints(new)
+
+
+def _set_cells(mesh: Any, *, faces: np.ndarray | None = None,
+               lines: np.ndarray | None = None) -> None:
+    """Give a mesh new polygons or lines (VTK's flat [n, i0, ..., n, ...] layout)."""
+    import vtk
+    from vtkmodules.util.numpy_support import numpy_to_vtkIdTypeArray
+
+    for cells, setter in ((faces, mesh.SetPolys), (lines, mesh.SetLines)):
+        if cells is not None:
+            arr = vtk.vtkCellArray()
+            arr.ImportLegacyFormat(numpy_to_vtkIdTypeArray(
+                np.ascontiguousarray(cells, dtype=np.int64), deep=True))
+            setter(arr)
+
+
+def _set_colours(mesh: Any, rgba: np.ndarray, *, point: bool = False) -> None:
+    """Set the mesh's ``rgba`` colours per point or per cell, in place when the size holds."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
+    data = mesh.GetPointData() if point else mesh.GetCellData()
+    rgba = np.asarray(rgba, np.uint8).reshape(-1, 4)
+    arr = data.GetArray("rgba")
+    if arr is not None and arr.GetNumberOfTuples() == len(rgba):
+        vtk_to_numpy(arr)[:] = rgba
+        arr.Modified()
+    else:
+        new = numpy_to_vtk(np.ascontiguousarray(rgba), deep=True)
+        new.SetName("rgba")
+        data.AddArray(new)
+        data.SetActiveScalars("rgba")
+
+
+def _write(mesh: Any, points: np.ndarray, rgba: np.ndarray, *, point: bool = False) -> None:
+    """Copy new point positions and colours into a mesh's existing arrays."""
+    _set_points(mesh, points)
+    _set_colours(mesh, rgba, point=point)
     mesh.Modified()
 
 
 def _replace(mesh: Any, points: np.ndarray, *, faces: np.ndarray | None = None,
-             lines: np.ndarray | None = None, rgba: np.ndarray | None = None) -> None:
+             lines: np.ndarray | None = None, rgba: np.ndarray | None = None,
+             point: bool = False) -> None:
     """Give a mesh new points and cells (its actor and mapper stay the same)."""
-    mesh.points = np.ascontiguousarray(points, dtype=np.float32)
-    if faces is not None:
-        mesh.faces = np.ascontiguousarray(faces, dtype=np.int64)
-    if lines is not None:
-        mesh.lines = np.ascontiguousarray(lines, dtype=np.int64)
+    _set_points(mesh, points)
+    _set_cells(mesh, faces=faces, lines=lines)
     if rgba is not None:
-        mesh.cell_data["rgba"] = np.ascontiguousarray(rgba, dtype=np.uint8)
+        _set_colours(mesh, rgba, point=point)
     mesh.Modified()
+
+
+class _Polylines:
+    """Polylines of ``length`` points each, one colour per line, in one mesh whose cells are
+    rebuilt only when it needs room for more lines than ever before: the lines past the ones
+    shown collapse onto the first point, transparent, so a frame copies only points and
+    colours (per point: no cell-to-colour map to rebuild)."""
+
+    def __init__(self, mesh: Any, length: int) -> None:
+        self.mesh = mesh
+        self.length = length
+        self.capacity = 0
+        self.count = 0
+
+    def set(self, points: np.ndarray, rgba: np.ndarray) -> None:
+        """``points`` [n, length, 3], ``rgba`` [n, 4]."""
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+
+        n, k = len(points), self.length
+        if n > self.capacity or self.capacity == 0:
+            self.capacity = max(16, 1 << max(0, n - 1).bit_length())
+            cap = self.capacity
+            _replace(self.mesh, np.zeros((cap * k, 3)), lines=arc_lines(cap, k),
+                     rgba=np.zeros((cap * k, 4), np.uint8), point=True)
+        cap = self.capacity
+        pts = vtk_to_numpy(self.mesh.GetPoints().GetData()).reshape(cap, k, 3)
+        pts[:n] = points
+        pts[n:] = points[0, 0] if n else 0.0
+        self.mesh.GetPoints().Modified()
+        arr = self.mesh.GetPointData().GetArray("rgba")
+        colours = vtk_to_numpy(arr).reshape(cap, k, 4)
+        colours[:n] = np.asarray(rgba, np.uint8)[:, None, :]
+        colours[n:] = 0
+        arr.Modified()
+        self.mesh.Modified()
+        self.count = n
+
+
+def _image_actor(renderer: Any, lut_rgb: np.ndarray) -> tuple[Any, Any]:
+    """An empty one-value-per-pixel image, drawn through a colour table by an image actor
+    (nearest-pixel, NaN grey)."""
+    import vtk
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(1, 1, 1)
+    arr = vtk.vtkFloatArray()
+    arr.SetName("value")
+    arr.InsertNextValue(0.0)
+    image.GetPointData().SetScalars(arr)
+    lut = vtk.vtkLookupTable()
+    lut.SetNumberOfTableValues(len(lut_rgb))
+    for i, (r, g, b) in enumerate(lut_rgb):
+        lut.SetTableValue(i, r, g, b, 1.0)
+    lut.SetNanColor(0.25, 0.25, 0.28, 1.0)
+    lut.SetRange(-1.0, 1.0)
+    actor = vtk.vtkImageActor()
+    actor.GetMapper().SetInputData(image)
+    actor.GetMapper().BorderOn()  # whole pixels at the edges, not half ones
+    prop = actor.GetProperty()
+    prop.SetLookupTable(lut)
+    prop.UseLookupTableScalarRangeOn()
+    prop.SetInterpolationTypeToNearest()
+    actor.SetPickable(False)
+    renderer.AddActor(actor)
+    return image, actor
 
 
 def _model_label(name: str) -> str:
