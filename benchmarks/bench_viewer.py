@@ -188,6 +188,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.rss_child, args.frames)
         return
+    load0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     args.dir.mkdir(parents=True, exist_ok=True)
     print("traces", flush=True)
     # 24 layers x 512 positions, d_model 768, 4 heads: ~0.1 GB
@@ -230,6 +231,9 @@ def main() -> None:
           "token) | viewer RSS | cache | time per frame | RSS ratio |")
     print("|---|---|---|---|---|")
     print("\n".join(mem_rows))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nmachine: {os.cpu_count()} cores, load average {load} (at the start: {load0}); "
+          "targets: frame update <= 1.5x the bare scene, RSS ratio <= 1.2")
 
 
 if __name__ == "__main__":
