@@ -329,3 +329,23 @@ def test_an_interactive_window_never_uses_an_off_screen_window_class(monkeypatch
     monkeypatch.delenv("VTK_DEFAULT_OPENGL_WINDOW")
     _vtkenv.prepare(off_screen=True)  # no display: EGL
     assert os.environ["VTK_DEFAULT_OPENGL_WINDOW"] == "vtkEGLRenderWindow"
+
+
+def test_arc_meshes_keep_their_cells_while_scrubbing(viewer):
+    """Arcs live in meshes with room to spare: a frame rewrites points and colours, the
+    lines past the ones shown are transparent, and the cells are not rebuilt."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    lines = viewer._arc_lines
+    cells = [p.mesh.GetLines() for p in lines]
+    for step in (6, 0, 3, 6):
+        viewer.set_step(step)
+        viewer.screenshot()
+        assert [p.mesh.GetLines() for p in lines] == cells
+        drawn = sum(p.count for p in lines)
+        assert drawn == len(viewer.frame.city.arcs)
+        for p in lines:
+            alpha = vtk_to_numpy(p.mesh.GetPointData().GetArray("rgba"))[:, 3]
+            assert (alpha.reshape(p.capacity, p.length)[p.count:] == 0).all()
+    boxes, points, n_lines = viewer.scene_size()
+    assert boxes == 3 * 10 and n_lines == drawn + viewer._link_lines.count

@@ -558,6 +558,7 @@ class CityViewer:
             self._arc_index[b] = idx
             self._arc_lines[b].set(pts[idx], rgba[idx])
             self.arc_actors[b].SetVisibility(self.state.show_arcs)
+            self.arc_actors[b].SetPickable(len(idx) > 0)  # (empty: collapsed at the origin)
 
     def _update_links(self, fr: CityFrame, col_h: np.ndarray) -> None:
         lay = self.layout
@@ -1104,7 +1105,7 @@ class CityViewer:
                     return PickInfo("none") if cell is None else self._describe(
                         name, self.image_actors[name], cell, (0.0, 0.0, 0.0))
         for actor, _ in candidates:
-            if actor.GetVisibility():
+            if actor.GetVisibility() and actor.GetPickable():
                 picker.AddPickList(actor)
         if not candidates or not picker.Pick(x, y, 0, ren):
             return PickInfo("none")
