@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ _RANGES = {"residual": "residual_range", "attn_out": "attn_out_range",
            "mlp_out": "mlp_out_range", "neurons": "neurons_range"}
 #: Steps at least this big (bytes per array) are written block by block, never joined.
 _BIG_STEP = 256 << 10
+#: Commits of an array at least this big compute its summaries while its data is written.
+_OVERLAP_BYTES = 1 << 20
 
 
 def _utcnow() -> str:
@@ -64,6 +67,22 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.uint16:  # bfloat16 bits
         x = x.view(ml_dtypes.bfloat16)
     return x.astype(np.float32, copy=False)
+
+
+def _summaries(name: str, steps: list[_Step], blocks: list[np.ndarray],
+               logical: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Norms (given by the producer, or computed) and value ranges of one array's rows."""
+    norms = rng = None
+    if name in _NORMS:
+        norm_name = _NORMS[name]
+        if all(norm_name in s.arrays for s in steps):
+            norms = np.asarray(np.concatenate([s.arrays[norm_name] for s in steps]),
+                               dtype=np.float32)
+        else:
+            norms = np.concatenate([_norms(b) for b in blocks])
+    if name in _RANGES:
+        rng = np.concatenate([row_min_max(b, logical) for b in blocks])
+    return norms, rng
 
 
 def _norms(stored: np.ndarray) -> np.ndarray:
@@ -150,6 +169,7 @@ class TraceWriter:
         self._error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._flushed = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None  # summaries of large commits
         self._thread = threading.Thread(target=self._run, name="tracekit-writer", daemon=True)
         self._thread.start()
 
@@ -245,6 +265,8 @@ class TraceWriter:
         self._closed = True
         self._put(_STOP, force=True)
         self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown()
         error = self._error
         try:
             self._finalize("aborted" if error is not None else status)
@@ -361,22 +383,22 @@ class TraceWriter:
                 self._commit_attention(steps, start, end, logical)
                 continue
             blocks = [_to_stored(s.arrays[name], logical) for s in steps]
-            if len(blocks) > 1 and sum(b.nbytes for b in blocks) < len(blocks) * _BIG_STEP:
+            size = sum(b.nbytes for b in blocks)
+            if len(blocks) > 1 and size < len(blocks) * _BIG_STEP:
                 blocks = [np.concatenate(blocks)]  # small steps: one block, fewer calls
+            # Large commits: the summaries are computed on a helper thread while the data is
+            # written (numpy and file writes release the GIL).
+            pending = (self._helper().submit(_summaries, name, steps, blocks, logical)
+                       if size >= _OVERLAP_BYTES else None)
             # Big steps are written straight from the producer's buffers, without joining.
             self._arrays[name].write_rows(start, blocks)
-            self._bytes_written += sum(b.nbytes for b in blocks)
-            if name in _NORMS:
-                norm_name = _NORMS[name]
-                if all(norm_name in s.arrays for s in steps):
-                    norms = np.concatenate([s.arrays[norm_name] for s in steps])
-                    norms = np.asarray(norms, dtype=np.float32)
-                else:
-                    norms = np.concatenate([_norms(b) for b in blocks])
-                self._write(norm_name, rows, norms)
-                self._track(norm_name, norms)
-            if name in _RANGES:
-                rng = np.concatenate([row_min_max(b, logical) for b in blocks])
+            self._bytes_written += size
+            norms, rng = (pending.result() if pending is not None
+                          else _summaries(name, steps, blocks, logical))
+            if norms is not None:
+                self._write(_NORMS[name], rows, norms)
+                self._track(_NORMS[name], norms)
+            if rng is not None:
                 self._write(_RANGES[name], rows, rng)
                 self._track(name, rng)
 
@@ -391,6 +413,11 @@ class TraceWriter:
         self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
         self._backend.flush()
         self._committed = (end, s1)
+
+    def _helper(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tracekit-summaries")
+        return self._pool
 
     def _commit_attention(self, steps: list[_Step], start: int, end: int, logical: str) -> None:
         n = end - start
