@@ -32,3 +32,31 @@ def test_attention_top_k_orders_by_weight_and_marks_missing_keys() -> None:
     keys, weights = attention_top_k(w, 5)
     assert keys.tolist() == [[1, 2, 0, -1, -1]]
     assert weights[0].tolist() == pytest.approx([0.6, 0.3, 0.1, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("step", [1, 6])
+def test_summaries_of_large_commits_match_the_data(tmp_path, fmt: str, step: int) -> None:
+    # Commits of more than 1 MiB per array compute norms and ranges on a helper thread while
+    # the rows are written; the result must be what the rows say, in order.
+    import tracekit
+    from tracekit import ModelInfo, TracePlan
+
+    model = ModelInfo(name="wide", n_layers=7, d_model=4096, n_heads=1, vocab_size=10)
+    plan = TracePlan(model=model, max_positions=96, captured=frozenset({"residual"}))
+    rng = np.random.default_rng(3)
+    data = (rng.standard_normal((96, 8, 4096)) * rng.uniform(0.1, 9, (96, 8, 1))).astype(
+        np.float16)
+    path = tmp_path / ("t.zarr" if fmt == "zarr" else "t.h5")
+    with tracekit.create(path, plan, commit_bytes=4 << 20) as w:
+        for p in range(0, 96, step):
+            w.write_step([1] * len(data[p:p + step]), [b"x"] * len(data[p:p + step]),
+                         {"residual": data[p:p + step]})
+    f = data.astype(np.float32)
+    with tracekit.open(path) as t:
+        np.testing.assert_allclose(t["residual_norm"][:], np.linalg.norm(f, axis=-1),
+                                   rtol=1e-5)
+        flat = f.reshape(96, -1)
+        assert np.array_equal(t["residual_range"][:],
+                              np.stack([flat.min(axis=1), flat.max(axis=1)], axis=1))
+        assert np.array_equal(t["residual"][:], data)
