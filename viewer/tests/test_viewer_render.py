@@ -51,9 +51,10 @@ def check_image(name: str, image: np.ndarray, tmp_path: Path) -> None:
                     f"{frac:.2%} of pixels); this render is {out}")
 
 
-def render(trace: str, panels: bool, **state) -> np.ndarray:
+def render(trace: str, panels: bool, controls: bool = False, **state) -> np.ndarray:
+    """A frame as ``tracekit render`` draws it, or (``controls``) as the window shows it."""
     with CityViewer(trace, state=ViewState(**state), off_screen=True, window_size=SIZE,
-                    panels=panels, prefetch=False, widgets=panels) as v:
+                    panels=panels, prefetch=False, controls=controls) as v:
         return v.screenshot()
 
 
@@ -62,6 +63,9 @@ CASES = {
     "city-front-focus-trace-mlp": dict(panels=False, step=5, view="front", focus=1, traced=2,
                                        heads=0, metric="mlp_out"),
     "panels-step3-traced": dict(panels=True, step=3, traced=1, heads=1, focus=2),
+    # the interactive window: play button, sliders, status line
+    "window-panels-step3-traced": dict(panels=True, controls=True, step=3, traced=1, heads=1,
+                                       focus=2),
 }
 
 
@@ -81,6 +85,58 @@ def test_the_comparison_notices_a_different_frame(exact_trace):
     other = render(exact_trace, False, step=1)
     mean, frac = image_difference(other, iio.imread(ref))
     assert mean > MEAN_TOLERANCE or frac > PIXEL_TOLERANCE
+
+
+def controls_on_screen(v: CityViewer) -> list[str]:
+    """What of the window's controls a render of ``v`` would show: enabled widgets, and
+    visible text anchored to a viewport (not a label in the scene) other than the caption."""
+    import vtk
+
+    owner = getattr(v.plotter, "widgets", v.plotter)  # (older PyVista: on the plotter)
+    shown = [f"widget {type(w).__name__}" for w in (*owner.slider_widgets,
+                                                   *owner.button_widgets) if w.GetEnabled()]
+    for ren in v.plotter.renderers:
+        props = ren.GetViewProps()
+        for i in range(props.GetNumberOfItems()):
+            actor = props.GetItemAsObject(i)
+            if (isinstance(actor, vtk.vtkTextActor) and actor.GetVisibility()
+                    and actor is not v.caption and actor.GetInput()
+                    and actor.GetPositionCoordinate().GetCoordinateSystem()
+                    != vtk.VTK_WORLD):
+                title = any(actor is t for t in getattr(v, "panel_titles", {}).values())
+                if not title:
+                    shown.append(f"text {actor.GetInput()!r}")
+    return shown
+
+
+def test_rendered_frames_and_movies_show_no_controls(exact_trace, tmp_path, monkeypatch):
+    """No play button, slider, status ("paused at 4 steps/s"), hover or help text in what
+    ``render_frame`` and ``render_movie`` write; a caption names the step and token."""
+    seen: list[tuple[list[str], str]] = []
+    screenshot = CityViewer.screenshot
+
+    def spy(self: CityViewer) -> np.ndarray:
+        caption = self.caption.GetInput() if self.caption.GetVisibility() else ""
+        seen.append((controls_on_screen(self), caption))
+        return screenshot(self)
+
+    monkeypatch.setattr(CityViewer, "screenshot", spy)
+    render_frame(exact_trace, tmp_path / "f.png", size=SIZE, step=3, token=1)
+    render_movie(exact_trace, tmp_path / "m.gif", steps="4:6", size=SIZE)
+    render_movie(exact_trace, tmp_path / "c.gif", steps="5:6", size=SIZE, panels=False)
+    assert [shown for shown, _ in seen] == [[], [], [], []]
+    # step 3 adds position 6 (4 prompt tokens, then one a step): the current token
+    assert [c.split("   ")[0] for _, c in seen] == ["step 3 / 6", "step 4 / 6", "step 5 / 6",
+                                                  "step 5 / 6"]
+    assert seen[0][1].startswith("step 3 / 6   token 6 ")
+
+
+def test_the_window_keeps_its_controls(viewer):
+    """The interactive viewer (the ``viewer`` fixture) still shows what renders leave out."""
+    shown = controls_on_screen(viewer)
+    assert sum(s.startswith("widget") for s in shown) == 3  # play, step, threshold
+    assert any("paused at" in s and "h: help" in s for s in shown)
+    assert not viewer.caption.GetVisibility()
 
 
 def test_render_frame_writes_a_png_of_the_requested_size(exact_trace, tmp_path):

@@ -159,13 +159,19 @@ class _Labels:
 
 
 class CityViewer:
-    """The neural-city viewer of one trace. ``off_screen=True`` renders without a window."""
+    """The neural-city viewer of one trace. ``off_screen=True`` renders without a window.
+
+    ``controls=False`` (rendered frames and movies) draws the scene and the views only: no
+    play button or sliders, no status, hover or help text, but a small caption with the
+    step and the current token. ``widgets=False`` leaves out just the play button and
+    sliders.
+    """
 
     def __init__(self, trace: Any, *, state: ViewState | None = None,
                  layout: CityLayout | None = None, panels: bool = True,
                  off_screen: bool = False, window_size: tuple[int, int] = (1600, 1000),
                  cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: bool = True,
-                 widgets: bool = True) -> None:
+                 widgets: bool = True, controls: bool = True) -> None:
         _vtkenv.prepare(off_screen)
         import pyvista as pv
         import vtk
@@ -182,6 +188,7 @@ class CityViewer:
                                            self.source.n_floors)
         self.panels = panels
         self.off_screen = off_screen
+        self.controls = controls
         self.state = self._normalized(state or ViewState(step=self.source.n_steps - 1))
         self.frame: Frame | None = None
         self.last_pick = PickInfo("none")
@@ -214,8 +221,8 @@ class CityViewer:
         if panels:
             self._build_panels()
         self._build_hud()
-        self.widgets = widgets
-        if widgets:
+        self.widgets = widgets and controls
+        if self.widgets:
             self._build_widgets()
         self._bind_events()
         self.update()
@@ -417,6 +424,11 @@ class CityViewer:
         prop = self.hover_text.GetTextProperty()
         prop.SetBackgroundColor(*BACKGROUND)
         prop.SetBackgroundOpacity(0.8)
+        # rendered frames: a caption in place of the status, hover and help text
+        self.caption = self._text(ren, (0.01, 0.99), size=self._fs(12))
+        self.caption.SetVisibility(not self.controls)
+        for actor in (self.status, self.hover_text):
+            actor.SetVisibility(self.controls)
 
     def _build_widgets(self) -> None:
         self.plotter.subplot(0, 0)
@@ -661,6 +673,11 @@ class CityViewer:
         st, c = self.state, fr.city
         last = c.current.stop - 1
         text = self.source.token_text(last)
+        if not self.controls:
+            self.caption.SetInput(f"step {c.step} / {c.n_steps - 1}   token {last} "
+                                  f"{_short(text, 24)!r}")
+            self.help_overlay.SetVisibility(False)
+            return
         lines = [
             f"{_model_label(self.source.model_name)}   step {c.step} / {c.n_steps - 1}   "
             f"positions 0-{c.end - 1}   current token {last} {_short(text, 24)!r}",

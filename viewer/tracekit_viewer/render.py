@@ -1,7 +1,9 @@
 """Headless rendering: one frame to a PNG, or a range of steps to a GIF or MP4.
 
-Used by ``tracekit render``. It needs no display: on a Linux machine without one, VTK renders
-through EGL (Mesa's llvmpipe on a CPU), see :mod:`tracekit_viewer._vtkenv`.
+Used by ``tracekit render``. Frames show the scene and the views with a small caption (step,
+current token), without the window's controls (play button, sliders, status and help text).
+It needs no display: on a Linux machine without one, VTK renders through EGL (Mesa's llvmpipe
+on a CPU), see :mod:`tracekit_viewer._vtkenv`.
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ def _viewer(trace: Any, size: tuple[int, int], panels: bool, layout: CityLayout 
         st = viewer_state(probe, **state)
     finally:
         probe.close()
+    # the scene and the views only: no play button, sliders, status or help (a "paused"
+    # line is wrong in a movie), but a caption with the step and the current token
     return CityViewer(trace, state=st, off_screen=True, window_size=size, panels=panels,
-                      layout=layout, prefetch=False)
+                      layout=layout, prefetch=False, controls=False)
 
 
 def render_frame(trace: str | os.PathLike[str], out: str | os.PathLike[str], *,
