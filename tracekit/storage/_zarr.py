@@ -382,9 +382,10 @@ class ZarrArray(StoredArray):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             size = os.fstat(fd).st_size
-            if size == 0:
-                os.ftruncate(fd, chunk_bytes)
-            elif size != chunk_bytes:
+            whole = offset == 0 and sum(len(v) for v in views) == chunk_bytes
+            if size == 0 and not whole:  # sized first, so the file always has its full length
+                os.ftruncate(fd, chunk_bytes)  # (a whole chunk holds no committed row yet)
+            elif size not in (0, chunk_bytes):
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
                                         f"expected {chunk_bytes}")
             # pwritev takes at most IOV_MAX buffers and may write less than asked.
