@@ -145,19 +145,10 @@ def _raw_writable(meta: dict[str, Any]) -> bool:
 def _direct_readable(meta: dict[str, Any]) -> bool:
     """True when chunks are raw little-endian C-order bytes holding whole rows, so rows can be
     read with plain file reads (the layout tracekit writes for uncompressed arrays)."""
-    codecs = meta.get("codecs")
-    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
+    if not _raw_writable(meta):
         return False
-    codec = codecs[0]
-    endian = (codec.get("configuration") or {}).get("endian", "little")
-    grid = (meta.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
-    enc = meta.get("chunk_key_encoding") or {}
-    shape = meta.get("shape")
-    return (codec.get("name") == "bytes" and endian == "little" and meta.get("fill_value") == 0
-            and isinstance(grid, list) and isinstance(shape, list) and len(grid) == len(shape)
-            and len(shape) >= 1 and grid[1:] == shape[1:] and grid[0] >= 1
-            and enc.get("name") == "default"
-            and (enc.get("configuration") or {}).get("separator", "/") == "/")
+    grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return grid[1:] == meta["shape"][1:]
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
