@@ -211,14 +211,10 @@ class Capture:
             at += width
         return residual
 
-    def _vectors(self, name: str, keys: Iterable[int], out: dict[str, torch.Tensor],
-                 with_norm: bool = True) -> torch.Tensor:
-        """Stack, norm (float32) and cast on the device; then one copy each to the host."""
-        x = self._stack(name, keys)
-        if with_norm:
-            out[f"{name}_norm"] = torch.linalg.vector_norm(x.float(), dim=-1).cpu()
-        out[name] = x.to(self.dtype).cpu()  # x is a fresh stack, never the model's memory
-        return x
+    def _neurons(self, out: dict[str, torch.Tensor]) -> None:
+        """MLP hidden activations: stacked and cast on the device, one copy to the host (no
+        norms: the format keeps none for neurons)."""
+        out["neurons"] = self._stack("neurons", self.layers).to(self.dtype).cpu()
 
     def _attention_arrays(self, out: dict[str, torch.Tensor]) -> None:
         total = self.total_keys
@@ -252,7 +248,6 @@ class Capture:
         """This step's arrays as CPU tensors, keyed like ``write_step``'s arrays."""
         groups = self.groups
         out: dict[str, torch.Tensor] = {}
-        residual = None
         residual = self._stream_vectors(out)
         if residual is None and self.keep_raw:
             residual = self._stack("residual", self.points)
@@ -261,7 +256,7 @@ class Capture:
         if "attention" in groups:
             self._attention_arrays(out)
         if "neurons" in groups:
-            self._vectors("neurons", self.layers, out, with_norm=False)
+            self._neurons(out)
         top = None
         if logits is not None and ("predictions" in groups or "logit_lens" in groups):
             lp = torch.log_softmax(logits.detach()[0].float(), dim=-1)

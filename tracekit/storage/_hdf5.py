@@ -160,12 +160,7 @@ class HDF5Array(StoredArray):
             self._ds[key] = value
             return
         # Whole unfiltered chunks skip HDF5's type-conversion and selection machinery.
-        data = np.ascontiguousarray(value, dtype=self.dtype)
-        c = self.chunks[0]
-        tail = (0,) * (len(self.dims) - 1)
-        for ci in range(rows[0] // c, rows[1] // c):
-            part = data[ci * c - rows[0]: (ci + 1) * c - rows[0]]
-            self._ds.id.write_direct_chunk((ci * c, *tail), part)
+        self.write_rows(rows[0], [value])
 
     def write_rows(self, start: int, blocks: Sequence[np.ndarray]) -> None:
         """Whole unfiltered chunks go to ``write_direct_chunk`` straight from the blocks (joined
@@ -181,7 +176,7 @@ class HDF5Array(StoredArray):
                              f"0:{self.shape[0]}")
         for ci, lo, hi, parts in chunk_parts(start, blocks, c):
             data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            if hi - lo == c and data.shape[1:] == self.shape[1:]:
+            if hi - lo == c:
                 self._ds.id.write_direct_chunk(
                     (ci * c, *tail), np.ascontiguousarray(data, dtype=self.dtype))
             else:

@@ -254,9 +254,8 @@ class ZarrArray(StoredArray):
         return self._zarr
 
     def _locate(self, ci: int):
-        path = self._direct_root / "/".join(["c", str(ci), *["0"] * (len(self.dims) - 1)])  # type: ignore[operator]
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self._chunk_path(ci), os.O_RDONLY)
         except FileNotFoundError:
             return None
         self._open_fds.append(fd)
