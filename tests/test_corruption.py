@@ -61,9 +61,9 @@ def outcome(path: Path) -> tuple[BaseException | None, list[warnings.WarningMess
 CASES = [pytest.param(case, id=case.name) for case in ALL_CASES]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_corrupt_input_gets_a_clear_error(case: Case, sources, tmp_path) -> None:
-    path = materialize(case, sources, tmp_path / "work")
+def open_and_validate_quickly(path: Path):
+    """``outcome`` and ``validate`` of ``path``, failing the test when they take too long (a
+    hang is killed with a traceback after HANG_LIMIT_S)."""
     faulthandler.dump_traceback_later(HANG_LIMIT_S, exit=True)
     try:
         start = time.monotonic()
@@ -73,6 +73,13 @@ def test_corrupt_input_gets_a_clear_error(case: Case, sources, tmp_path) -> None
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert elapsed < FAST_S, f"took {elapsed:.1f} s"
+    return exc, caught, problems
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_corrupt_input_gets_a_clear_error(case: Case, sources, tmp_path) -> None:
+    path = materialize(case, sources, tmp_path / "work")
+    exc, caught, problems = open_and_validate_quickly(path)
     assert not (tmp_path / "work" / PWNED).exists(), "hostile pickle was unpickled"
     if exc is not None and not isinstance(exc, TraceError):
         raise AssertionError(f"{type(exc).__name__} is not a TraceError: {exc}") from exc
@@ -105,15 +112,7 @@ def test_random_bit_flips_in_hdf5_never_crash(seed, source, sources, tmp_path) -
     path.write_bytes(sources[source].read_bytes())
     rng = random.Random(seed)
     flip_bits(path, [rng.randrange(12, path.stat().st_size) for _ in range(6)])
-    faulthandler.dump_traceback_later(HANG_LIMIT_S, exit=True)
-    try:
-        start = time.monotonic()
-        exc, _ = outcome(path)
-        problems = validate(path)
-        elapsed = time.monotonic() - start
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    assert elapsed < FAST_S, f"took {elapsed:.1f} s"
+    exc, _, problems = open_and_validate_quickly(path)
     assert isinstance(problems, list)
     if exc is not None and not isinstance(exc, TraceError):
         raise AssertionError(f"{type(exc).__name__} is not a TraceError: {exc}") from exc
