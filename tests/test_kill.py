@@ -35,18 +35,20 @@ def ctx():
     return ctx
 
 
-def run_writer(ctx, path: Path, seed: int, kill_after: float | None) -> float:
+def run_writer(ctx, path: Path, seed: int, kill_after: float | None,
+               die_at_io: int | None = None) -> float:
     """Start a writer process; SIGKILL it ``kill_after`` seconds after it starts recording
-    (None: let it finish). Returns how long it ran."""
+    (None: let it finish, or die at its ``die_at_io``-th write). Returns how long it ran."""
     started = ctx.Event()
     proc = ctx.Process(target=tracegen.record_in_child, args=(str(path), seed, started),
-                       daemon=True)
+                       kwargs={"die_at_io": die_at_io}, daemon=True)
     proc.start()
     assert started.wait(30), "writer process did not start"
     t0 = time.monotonic()
     if kill_after is None:
         proc.join(60)
-        assert proc.exitcode == 0, f"writer failed with exit code {proc.exitcode}"
+        expected = 0 if die_at_io is None else -9
+        assert proc.exitcode == expected, f"writer ended with exit code {proc.exitcode}"
     else:
         proc.join(kill_after)
         proc.kill()
@@ -108,3 +110,50 @@ def test_sigkill_at_random_moments(ctx, tmp_path, kind) -> None:
 def test_sigkill_at_random_moments_many(ctx, tmp_path, kind) -> None:
     states = kill_trials(ctx, tmp_path, kind, SLOW_TRIALS, seed0=int(time.time()))
     assert states["recording"] >= SLOW_TRIALS // 4, dict(states)
+
+
+def io_kill_trials(ctx, tmp_path: Path, points: list[int]) -> Counter:
+    """A zarr recording killed just before each of its writes in ``points`` (0-based) is
+    left in a valid state every time: a random instant rarely lands inside the few writes
+    that create a file."""
+    states: Counter = Counter()
+    for i in points:
+        path = tmp_path / f"io{i}.zarr"
+        run_writer(ctx, path, 7, None, die_at_io=i)
+        try:
+            states[check_after_kill(path, 7)] += 1
+        except Exception as exc:
+            raise AssertionError(f"killed before write {i}: {exc!r}") from exc
+    return states
+
+
+def count_writes(ctx, tmp_path: Path) -> int:
+    """How many writes the recording makes: kill points past it leave a complete trace."""
+    lo, hi = 0, 4096
+    while lo < hi:  # first kill point that the recording never reaches
+        mid = (lo + hi) // 2
+        path = tmp_path / f"count{mid}.zarr"
+        started = ctx.Event()
+        proc = ctx.Process(target=tracegen.record_in_child, args=(str(path), 7, started),
+                           kwargs={"die_at_io": mid}, daemon=True)
+        proc.start()
+        proc.join(60)
+        if proc.exitcode == 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def test_sigkill_before_every_early_write(ctx, tmp_path) -> None:
+    # The first writes lay out the trace, rename it into place and make the first commits.
+    states = io_kill_trials(ctx, tmp_path, list(range(80)))
+    assert states["absent"] >= 1 and states["recording"] >= 1, dict(states)
+
+
+@pytest.mark.slow
+def test_sigkill_before_every_write(ctx, tmp_path) -> None:
+    total = count_writes(ctx, tmp_path)
+    assert total > 80
+    states = io_kill_trials(ctx, tmp_path, list(range(total)))
+    assert states["complete"] >= 1 and states["recording"] >= total // 2, dict(states)

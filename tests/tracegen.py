@@ -315,11 +315,31 @@ def kill_plan() -> TracePlan:
                       captured=["residual", "attention", "predictions"])
 
 
-def record_in_child(path: str, seed: int, started: Any, step_pause: float = 0.002) -> None:
+def record_in_child(path: str, seed: int, started: Any, step_pause: float = 0.002,
+                    die_at_io: int | None = None) -> None:
     """Body of the writer process the kill test SIGKILLs: records :func:`kill_plan` to
-    ``path``, committing after every step, and sets ``started`` just before creating it."""
+    ``path``, committing after every step, and sets ``started`` just before creating it.
+
+    ``die_at_io=i``: the process SIGKILLs itself just before its i-th (0-based) call of
+    ``os.pwritev``, ``os.replace`` or ``os.rename`` (the zarr backend's writes to disk), so
+    that a test can stop a recording at every write it makes."""
+    import os
+    import signal
     import time
 
+    if die_at_io is not None:
+        calls = [0]
+
+        def deadly(fn):
+            def call(*args, **kwargs):
+                if calls[0] == die_at_io:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                calls[0] += 1
+                return fn(*args, **kwargs)
+            return call
+
+        os.pwritev, os.replace, os.rename = (deadly(os.pwritev), deadly(os.replace),
+                                             deadly(os.rename))
     plan = kill_plan()
     started.set()
     writer = create_synthetic(path, plan, seed, commit_interval=0.0)

@@ -480,6 +480,9 @@ def create_layout(backend: Backend, plan: TracePlan) -> None:
             spec.name, plan.shape(spec), storage_dtype(logical), plan.chunks(spec), spec.dims,
             attrs, plan.compression_for(spec), write_empty_chunks=spec.name != "attention",
         )
+    # The counter is stored before the trace becomes visible, so every later update rewrites
+    # 16 bytes in place; a writer killed while creating its chunk would leave it empty.
+    backend.get_array("commit")[(slice(0, 2),)] = np.zeros(2, dtype=np.int64)
 
 
 def trim_to(arrays: Sequence[StoredArray], positions: int, steps: int) -> None:
