@@ -20,6 +20,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from tracegen import chunk_files
 
 from tracekit.errors import (
     CorruptTraceError,
@@ -88,10 +89,6 @@ def edit_array_json(trace: Path, name: str, edit: Callable[[dict[str, Any]], Any
         if name in consolidated:
             edit(consolidated[name])
     edit_json(trace / "zarr.json", apply)
-
-
-def chunk_files(trace: Path, name: str) -> list[Path]:
-    return sorted(p for p in (trace / name / "c").rglob("*") if p.is_file())
 
 
 def set_path(obj: dict[str, Any], dotted: str, value: Any) -> None:

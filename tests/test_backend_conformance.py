@@ -409,6 +409,16 @@ class TestZarrBackend(BackendConformance):
         meta_path.write_text(json.dumps(meta))
 
 
+class TestZarrBackendSlashKeys(TestZarrBackend):
+    """Traces whose arrays use zarr's default "/" chunk keys (as the golden v1.0 traces do)
+    are read and written the same way."""
+
+    def new(self, tmp_path: Path) -> Backend:
+        backend = create_backend(tmp_path / "t.zarr", "zarr")
+        backend.chunk_separator = "/"
+        return backend
+
+
 class TestHDF5Backend(BackendConformance):
     kind = "hdf5"
 

@@ -98,11 +98,11 @@ def test_validate_reports_one_line_per_problem(runner: CliRunner, tmp_path: Path
 
 def test_validate_finds_a_missing_chunk(runner: CliRunner, tmp_path: Path) -> None:
     path, _ = _trace(tmp_path, max_positions=12)
-    (path / "token_id" / "c" / "0").unlink()
+    (path / "token_id" / "c.0").unlink()
     result = runner.invoke(main, ["validate", "--quick", str(path)])
     assert result.exit_code == 1
     assert result.output == (
-        f"{path}: array 'token_id': 1 committed chunk(s) missing, first c/0\n")
+        f"{path}: array 'token_id': 1 committed chunk(s) missing, first c.0\n")
 
 
 def test_errors_are_one_line_without_traceback(runner: CliRunner, tmp_path: Path) -> None:

@@ -266,10 +266,6 @@ def test_slicing_reads_only_what_it_asks_for(tmp_path, backend_kind, monkeypatch
                                   expected.arrays["attention"][[30, 2, 30], 1])
 
 
-def _chunk_files(root: Path, name: str) -> list[Path]:
-    return sorted(p for p in (root / name / "c").rglob("*") if p.is_file())
-
-
 @pytest.mark.parametrize("compression", [None, "gzip"])
 def test_slicing_touches_only_its_chunks_zarr(tmp_path, compression) -> None:
     """Break every chunk except the one holding position 17: reading 17 must still work."""
@@ -278,8 +274,8 @@ def test_slicing_touches_only_its_chunks_zarr(tmp_path, compression) -> None:
     expected = tracegen.write_synthetic(path, plan, 3)
     rows = plan.chunks(plan.array_specs()[[s.name for s in plan.array_specs()].index(
         "residual")])[0]
-    keep = path / "residual" / "c" / str(17 // rows) / "0" / "0"
-    files = _chunk_files(path, "residual")
+    keep = path / "residual" / f"c.{17 // rows}.0.0"
+    files = tracegen.chunk_files(path, "residual")
     assert keep in files and len(files) > 2
     for f in files:
         if f != keep:

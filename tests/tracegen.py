@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -305,6 +306,12 @@ def assert_summaries(trace: tracekit.Trace, expected: Expected) -> None:
         assert np.array_equal(valid, want > 0)
         picked = np.take_along_axis(att, np.where(valid, keys, 0), axis=-1)
         assert np.array_equal(np.where(valid, picked, 0), want)
+
+
+def chunk_files(trace: Path, name: str) -> list[Path]:
+    """The chunk files of array ``name`` of a zarr trace (``c.0.1`` or ``c/0/1`` keys)."""
+    folder = trace / name
+    return sorted(p for p in (*folder.glob("c.*"), *(folder / "c").rglob("*")) if p.is_file())
 
 
 # -- a writer process to kill -----------------------------------------------------------------
