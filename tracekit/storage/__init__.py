@@ -251,24 +251,6 @@ def chunk_parts(start: int, blocks: Sequence[np.ndarray], rows_per_chunk: int,
         yield ci, lo, hi, parts
 
 
-def whole_chunk_rows(key: tuple, value: np.ndarray, shape: tuple[int, ...],
-                     chunks: tuple[int, ...]) -> tuple[int, int] | None:
-    """(start, stop) when ``arr[key] = value`` writes whole chunks along the leading axis and
-    whole rows (so chunks can be written as raw bytes); else None."""
-    if not key or not isinstance(key[0], slice) or any(
-        not (isinstance(k, slice) and k.indices(n) == (0, n, 1)) for k, n in
-        zip(key[1:], shape[1:], strict=False)
-    ):
-        return None
-    start, stop, step = key[0].indices(shape[0])
-    c = chunks[0]
-    if step != 1 or start % c or stop % c or stop <= start or tuple(chunks[1:]) != shape[1:]:
-        return None
-    if tuple(value.shape) != (stop - start, *shape[1:]):
-        return None
-    return start, stop
-
-
 def full_rows(key: tuple, value: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(start, stop) when ``arr[key] = value`` writes complete rows ``start:stop``; else None."""
     if not key or not isinstance(key[0], slice) or len(key) > len(shape) or any(
