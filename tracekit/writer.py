@@ -5,10 +5,12 @@ Design (see the spec, "Writing"):
 * Every array is created and preallocated to ``plan.max_positions`` before the first step; the
   trace is laid out under a temporary name and moved into place once complete, so a trace path
   that exists always has its full structure.
-* Steps go through a bounded queue to a background thread, so the model only waits on disk when
-  the queue is full. The thread buffers steps and commits them when ``commit_bytes`` are pending
-  at a multiple of ``plan.chunk_positions`` (whole chunks, no read-modify-write), and at least
-  every ``commit_interval`` seconds (so a crash loses at most about that much).
+* Steps are handed to a background thread through a bounded hand-off (``queue_size`` steps),
+  so the model only waits on disk when it is full. The thread is woken only when there is work
+  worth a wake-up (it would take the GIL from the model's thread at every step otherwise): it
+  commits when ``commit_bytes`` are pending at a multiple of ``plan.chunk_positions`` (whole
+  chunks, no read-modify-write), and at least every ``commit_interval`` seconds (so a crash
+  loses at most about that much; 0 commits every step).
 * Commit protocol: write the data of the new positions (and their summaries), flush, then write
   the ``commit`` counter, flush. Readers trust only the counter, so a writer killed at any
   instant leaves a trace whose committed positions are exact.
@@ -22,7 +24,6 @@ import contextlib
 import datetime as _dt
 import os
 import platform
-import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ from .storage import Backend, StoredArray, create_backend, format_from_suffix
 
 _STOP = object()
 _FLUSH = object()
+_COMMIT = object()  # commit the steps handed over before it
 
 #: Summary arrays derived from each input array.
 _NORMS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
@@ -157,6 +159,11 @@ class TraceWriter:
         self._arrays = {s.name: backend.get_array(s.name) for s in self._specs}
         self._coords = {d: backend.get_array(d) for d in plan.used_dims()}
         self._row_shapes = self._expected_row_shapes()
+        # What write_step accepts: the captured inputs and the summaries a producer may give.
+        self._accepted = frozenset(self._inputs) | {
+            _NORMS[a] for a in self._inputs if a in _NORMS} | (
+            {"attention_top_keys", "attention_top_weights"} if "attention" in self._inputs
+            else set())
 
         # Producer-side state.
         self._next_position = 0
@@ -167,7 +174,14 @@ class TraceWriter:
         self._bytes_written = 0
         self._ranges: dict[str, list[float]] = {}
         self._error: BaseException | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        # Steps handed over and not yet taken by the writer thread. The thread is woken only
+        # when a commit is due (a chunk-aligned run of commit_bytes, half the queue, a flush
+        # or the end), not at every step: each wake-up costs the model's thread the GIL.
+        self._cv = threading.Condition()
+        self._handed: list[Any] = []
+        self._queue_size = max(2, int(queue_size))
+        self._since_cut = 0  # bytes handed over since the last commit point
+        self._block = plan.chunk_positions
         self._flushed = threading.Event()
         self._pool: ThreadPoolExecutor | None = None  # summaries of large commits
         self._thread = threading.Thread(target=self._run, name="tracekit-writer", daemon=True)
@@ -220,36 +234,40 @@ class TraceWriter:
         if len(token_texts) != n:
             raise WriterError(f"{len(token_texts)} token texts for {n} positions")
         texts = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in token_texts]
-        given = set(arrays)
-        missing = set(self._inputs) - given
-        extra = given - set(self._inputs) - {_NORMS.get(a) for a in self._inputs} - {
-            "attention_top_keys", "attention_top_weights"}
-        if missing:
-            raise WriterError(f"step lacks captured array(s) {sorted(missing)}")
-        if extra:
-            raise WriterError(f"step has array(s) not in the plan: {sorted(extra)}")
-        for name in self._inputs:
-            shape = tuple(np.shape(arrays[name]))
-            want = self._row_shapes[name]
+        if not self._accepted.issuperset(arrays):
+            extra = sorted(set(arrays) - self._accepted)
+            raise WriterError(f"step has array(s) not in the plan: {extra}")
+        for name, want in self._row_shapes.items():
+            a = arrays.get(name)
+            if a is None:
+                missing = sorted(x for x in self._inputs if x not in arrays)
+                raise WriterError(f"step lacks captured array(s) {missing}")
+            shape = a.shape if isinstance(a, np.ndarray) else np.shape(a)
             if name == "attention":
-                ok = (len(shape) == 4 and shape[:3] == (n, *want[:2])
+                ok = (len(shape) == 4 and shape[0] == n and shape[1:3] == want[:2]
                       and 1 <= shape[3] <= self.plan.max_positions)
                 want_txt = f"({n}, {want[0]}, {want[1]}, keys<={self.plan.max_positions})"
             else:
-                ok = shape == (n, *want)
+                ok = shape[0] == n and shape[1:] == want if len(shape) else False
                 want_txt = str((n, *want))
             if not ok:
-                raise WriterError(f"array {name!r} has shape {shape}, expected {want_txt}")
+                raise WriterError(f"array {name!r} has shape {tuple(shape)}, expected {want_txt}")
         step = _Step(self._next_position, n, self._next_step, ids, texts, dict(arrays),
                      time.time() if step_time is None else float(step_time))
         self._next_position += n
         self._next_step += 1
-        self._put(step)
+        self._since_cut += sum(a.nbytes for a in arrays.values())
+        # Big, chunk-aligned commits write whole chunks (commit_interval 0: every step).
+        cut = self._commit_interval <= 0 or (
+            (step.start + n) % self._block == 0 and self._since_cut >= self._commit_bytes)
+        if cut:
+            self._since_cut = 0
+        self._put(step, cut)
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every queued step is committed."""
         self._flushed.clear()
-        self._put(_FLUSH)
+        self._put(_FLUSH, True)
         self._flushed.wait(timeout)
         self._raise_if_failed()
 
@@ -263,7 +281,7 @@ class TraceWriter:
         if self._closed:
             return
         self._closed = True
-        self._put(_STOP, force=True)
+        self._put(_STOP, True, force=True)
         self._thread.join()
         if self._pool is not None:
             self._pool.shutdown()
@@ -293,62 +311,76 @@ class TraceWriter:
         if self._error is not None:
             raise WriterError(f"recording failed: {self._error}") from self._error
 
-    def _put(self, item: Any, force: bool = False) -> None:
-        while True:
-            if self._error is not None and not force:
+    def _put(self, item: Any, commit: bool = False, force: bool = False) -> None:
+        """Hand ``item`` to the writer thread (``commit``: and wake it to commit what it has);
+        wait while ``queue_size`` items are already waiting."""
+        with self._cv:
+            while len(self._handed) >= self._queue_size and not force:
                 self._raise_if_failed()
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
                 if not self._thread.is_alive():
                     raise WriterError("writer thread is gone") from self._error
+                self._cv.notify_all()
+                self._cv.wait(0.1)
+            if self._error is not None and not force:
+                self._raise_if_failed()
+            self._handed.append(item)
+            if commit:
+                self._handed.append(_COMMIT)
+            if commit or len(self._handed) >= self._queue_size // 2:
+                self._cv.notify_all()
+
+    def _take(self, timeout: float) -> list[Any]:
+        """Everything handed over so far, once there is a reason to act or ``timeout`` has
+        passed; frees the producer if it waits."""
+        with self._cv:
+            if not any(x is _COMMIT for x in self._handed) and len(self._handed) < (
+                    self._queue_size // 2):
+                self._cv.wait(timeout)
+            items, self._handed = self._handed, []
+            self._cv.notify_all()
+        return items
 
     def _run(self) -> None:
         pending: list[_Step] = []
-        pending_bytes = 0
         last_commit = time.monotonic()
-        block = self.plan.chunk_positions
         while True:
             timeout = max(0.01, self._commit_interval - (time.monotonic() - last_commit))
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if self._error is not None:  # keep draining so the producer never blocks
-                if item is _STOP:
-                    return
-                if item is _FLUSH:
-                    self._flushed.set()
-                continue
-            try:
-                if isinstance(item, _Step):
-                    pending.append(item)
-                    pending_bytes += sum(np.asarray(a).nbytes for a in item.arrays.values())
-                    aligned = (item.start + item.n) % block == 0
-                    due = time.monotonic() - last_commit >= self._commit_interval
-                    # Big, chunk-aligned commits write whole chunks; the timer bounds how much
-                    # a crash can lose when steps are slow.
-                    if (aligned and pending_bytes >= self._commit_bytes) or due:
-                        self._commit(pending)
-                        pending, pending_bytes = [], 0
-                        last_commit = time.monotonic()
-                elif item is None or item is _FLUSH or item is _STOP:
+            items = self._take(timeout)
+            for item in items:
+                if self._error is not None:  # keep draining so the producer never blocks
+                    if item is _FLUSH:
+                        self._flushed.set()
+                    if item is _STOP:
+                        return
+                    continue
+                try:
+                    if isinstance(item, _Step):
+                        pending.append(item)
+                        continue
                     if pending:
                         self._commit(pending)
-                        pending, pending_bytes = [], 0
+                        pending = []
                     last_commit = time.monotonic()
                     if item is _FLUSH:
                         self._flushed.set()
                     if item is _STOP:
                         return
-            except BaseException as exc:  # surfaced to the producer
-                self._error = exc
+                except BaseException as exc:  # surfaced to the producer
+                    self._error = exc
+                    pending = []
+                    if item is _FLUSH:
+                        self._flushed.set()
+                    if item is _STOP:
+                        return
+            # The timer bounds how much a crash can lose when steps are slow.
+            if pending and self._error is None and (
+                    time.monotonic() - last_commit >= self._commit_interval):
+                try:
+                    self._commit(pending)
+                except BaseException as exc:
+                    self._error = exc
                 pending = []
-                if item is _FLUSH:
-                    self._flushed.set()
-                if item is _STOP:
-                    return
+                last_commit = time.monotonic()
 
     def _write(self, name: str, region: tuple, data: np.ndarray) -> None:
         self._arrays[name][region] = data

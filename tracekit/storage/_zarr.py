@@ -176,7 +176,7 @@ def _preallocate(fd: int, nbytes: int) -> None:
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write a metadata document atomically (temporary file, then rename), as zarr does."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(json.dumps(obj))  # no indent: json's C encoder runs only without one
     os.replace(tmp, path)
 
 
