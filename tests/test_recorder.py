@@ -196,8 +196,9 @@ def test_structure_is_found_by_role_not_by_name() -> None:
     assert s.names["mlp_out"] == "model.layers.{i}.post_feedforward_layernorm"
     assert s.logit_softcap == 30.0 and s.lens_exact
     phi = discover_structure(tiny_model("phi"))
-    # Phi sends both sublayers through one dropout module: told apart by call order.
-    assert phi.names["attn_out"] == "model.layers.{i}.resid_dropout"
+    # Phi sends both sublayers through one dropout module: told apart by call order. What
+    # attention adds is also the attention module's own output, hooked there instead.
+    assert phi.names["attn_out"] == "model.layers.{i}.self_attn"
     assert phi.names["mlp_out"] == "model.layers.{i}.resid_dropout (call 2)"
     llama = discover_structure(tiny_model("llama"))
     assert llama.names["neurons"] == "model.layers.{i}.mlp.down_proj (input)"

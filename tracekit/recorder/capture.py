@@ -1,10 +1,11 @@
-"""Forward hooks that gather one step's activations, on whatever device each module runs.
+"""Taps that gather one step's activations, on whatever device each module runs.
 
-Each hook only keeps a reference to its tensor (batch 0). After the forward pass
-:meth:`Capture.collect` stacks each group over layers on the device, computes the summaries (L2
-norms, top-k attention) and casts to the stored dtype there (a torch cast is much faster than
-numpy's), and copies each array to the host once: a few batched operations per step instead of
-several per layer. Nothing is kept between steps, so memory does not grow with the sequence.
+A tap wraps a module's forward (see :meth:`Capture._tap`) and only keeps a reference to the
+tensor it sees. After the forward pass :meth:`Capture.collect` stacks each group over layers on
+the device, computes the summaries (L2 norms, top-k attention) and casts to the stored dtype
+there (a torch cast is much faster than numpy's), and copies each array to the host once: a few
+batched operations per step instead of several per layer. Nothing is kept between steps, so
+memory does not grow with the sequence.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from .errors import RecorderError
 from .structure import ModelStructure, first_tensor, input_tensor
 
-__all__ = ["Capture", "TORCH_DTYPES", "eager_attention", "to_numpy"]
+__all__ = ["Capture", "TORCH_DTYPES", "eager_attention", "to_numpy_one"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
@@ -29,9 +30,13 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
 _LENS_BLOCK_BYTES = 64 << 20
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[1, n, d] (or [n, d], as OPT's MLP flattens) -> [n, d]: the batch holds one sequence."""
-    return t.detach().reshape(-1, t.shape[-1])
+def _stacked_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of [1, n, d] (or [n, d], as OPT's MLP flattens) -> one [n, k, d]: the batch
+    holds one sequence. One stack and one reshape, whatever k is."""
+    d = parts[0].shape[-1]
+    if any(p.shape != parts[0].shape for p in parts):
+        parts = [p.reshape(-1, d) for p in parts]
+    return torch.stack(parts, dim=-2).reshape(-1, len(parts), d)
 
 
 def _attention_weights(output: Any) -> torch.Tensor | None:
@@ -59,10 +64,10 @@ class Capture:
         self.top_k = top_k
         self.attention_top_k = attention_top_k
         self.keep_raw = keep_raw_residual or "logit_lens" in self.groups
-        self._handles: list[Any] = []
+        self._wrapped: list[tuple[torch.nn.Module, Any]] = []  # (module, its own forward)
         self._buf: dict[tuple[str, int], Any] = {}
         self._raw: dict[int, torch.Tensor] = {}  # residual points, model dtype, for the lens
-        self._calls: dict[tuple[int, int], int] = defaultdict(int)
+        self._calls: dict[tuple[int, int], int] = {}
         self.total_keys = 0  # keys the current step's queries can see (set by the caller)
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -78,9 +83,40 @@ class Capture:
         self.detach()
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for module, own in reversed(self._wrapped):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self._wrapped.clear()
+
+    def _tap(self, module: torch.nn.Module, before=None, after=None) -> None:
+        """Call ``before(args, kwargs)`` and/or ``after(output)`` around ``module``'s forward.
+
+        The forward is wrapped on the instance (as accelerate does for device maps) rather
+        than hooked: a module with a torch hook takes nn.Module's slow call path, about 15 us
+        more per call in CPython, at every hooked module of every step. ``detach`` restores
+        what was there (accelerate's own wrapper included)."""
+        own = module.__dict__.get("forward")
+        inner = module.forward
+
+        if before is None:
+            def forward(*args, **kwargs):
+                out = inner(*args, **kwargs)
+                after(out)
+                return out
+        elif after is None:
+            def forward(*args, **kwargs):
+                before(args, kwargs)
+                return inner(*args, **kwargs)
+        else:
+            def forward(*args, **kwargs):
+                before(args, kwargs)
+                out = inner(*args, **kwargs)
+                after(out)
+                return out
+        module.forward = forward
+        self._wrapped.append((module, own))
 
     def _attach(self) -> None:
         s, groups = self.structure, self.groups
@@ -90,14 +126,12 @@ class Capture:
         point_set = set(self.points) if want_residual else set()
         for part in s.blocks:
             i = part.index
-            capture_input = i in point_set
-            self._handles.append(part.block.register_forward_pre_hook(
-                self._block_pre(i, capture_input), with_kwargs=True))
-            if i == n_layers - 1 and n_layers in point_set:
-                self._handles.append(part.block.register_forward_hook(self._block_out(n_layers)))
+            last = i == n_layers - 1 and n_layers in point_set
+            self._tap(part.block, self._block_in(i, i in point_set),
+                      self._block_out(n_layers) if last else None)
             if i not in layer_set:
                 continue
-            # attn_out / mlp_out may be one module called twice (Phi): one hook, by call index.
+            # attn_out / mlp_out may be one module called twice (Phi): one tap, by call index.
             roles: dict[int, list[tuple[int, str]]] = defaultdict(list)
             modules: dict[int, torch.nn.Module] = {}
             if "attn_out" in groups:
@@ -110,31 +144,31 @@ class Capture:
                 roles[id(part.attention)].append((0, "attention"))
                 modules[id(part.attention)] = part.attention
             for key, module in modules.items():
-                self._handles.append(module.register_forward_hook(
-                    self._output_hook(i, roles[key])))
+                self._tap(module, after=self._outputs(i, key, roles[key]))
             if "neurons" in groups:
                 if part.mlp_down is None:
                     raise RecorderError(f"block {i}: neurons cannot be captured for this model")
-                self._handles.append(part.mlp_down.register_forward_pre_hook(
-                    self._neuron_hook(i), with_kwargs=True))
+                self._tap(part.mlp_down, before=self._neuron_input(i))
 
-    def _block_pre(self, layer: int, capture_input: bool):
-        def hook(module, args, kwargs):
-            for key in [k for k in self._calls if k[0] == layer]:
-                del self._calls[key]
+    def _block_in(self, layer: int, capture_input: bool):
+        def before(args, kwargs):
+            if self._calls:
+                for key in [k for k in self._calls if k[0] == layer]:
+                    del self._calls[key]
             if capture_input:
                 self._keep("residual", layer, input_tensor(args, kwargs))
-        return hook
+        return before
 
     def _block_out(self, point: int):
-        def hook(module, args, output):
+        def after(output):
             self._keep("residual", point, first_tensor(output))
-        return hook
+        return after
 
-    def _output_hook(self, layer: int, roles: list[tuple[int, str]]):
-        def hook(module, args, output):
-            key = (layer, id(module))
-            call = self._calls[key]
+    def _outputs(self, layer: int, module_id: int, roles: list[tuple[int, str]]):
+        key = (layer, module_id)
+
+        def after(output):
+            call = self._calls.get(key, 0)
             self._calls[key] = call + 1
             for want, role in roles:
                 if want != call:
@@ -143,22 +177,23 @@ class Capture:
                     w = _attention_weights(output)
                     if w is None:
                         self._no_attention(layer)
-                    self._buf[("attention", layer)] = w.detach()[0]  # [head, query, key]
+                    self._buf[("attention", layer)] = w  # [1, head, query, key]
                 else:
                     self._keep(role, layer, first_tensor(output))
-        return hook
+        return after
 
-    def _neuron_hook(self, layer: int):
-        def hook(module, args, kwargs):
+    def _neuron_input(self, layer: int):
+        def before(args, kwargs):
             self._keep("neurons", layer, input_tensor(args, kwargs))
-        return hook
+        return before
 
     def _keep(self, role: str, index: int, t: torch.Tensor | None) -> None:
-        # Only a reference: all the work happens once per step in collect(), batched over
+        # Only a reference (not even a view: every torch call costs microseconds, at every
+        # hook of every step): all the work happens once per step in collect(), batched over
         # layers. transformers does not modify activations in place (autograd would refuse it
         # in training), and the architecture tests compare every family with a fresh forward.
         if t is not None:
-            self._buf[(role, index)] = _rows(t)
+            self._buf[(role, index)] = t
 
     def _no_attention(self, layer: int) -> None:
         impl = getattr(getattr(self.structure.model, "config", None), "_attn_implementation",
@@ -186,11 +221,14 @@ class Capture:
                 f"no {exc.args[0][0]} was captured for layer/point {exc.args[0][1]} in this "
                 f"step (the module's hook did not run)") from exc
         device = parts[0].device
-        return torch.stack([p if p.device == device else p.to(device) for p in parts], dim=1)
+        if any(p.device != device for p in parts):
+            parts = [p.to(device) for p in parts]
+        return _stacked_rows(parts)
 
-    def _stream_vectors(self, out: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _stream_vectors(self, out: dict[str, np.ndarray]) -> torch.Tensor | None:
         """Residual stream, attention out and MLP out (all d_model wide) stacked together, so
-        norms, the cast and the copy to the host are one operation each per step, not three.
+        norms, the cast and the copy to the host are one operation each per step, not three
+        (then split on the host, where slicing costs nothing).
         Returns the residual part (model dtype, on the device) for the logit lens."""
         groups = [(name, keys) for name, keys in (
             ("residual", self.points), ("attn_out", self.layers), ("mlp_out", self.layers))
@@ -198,8 +236,8 @@ class Capture:
         if not groups:
             return None
         x = self._stack_many([(name, k) for name, keys in groups for k in keys])
-        norms = torch.linalg.vector_norm(x.float(), dim=-1).cpu()
-        stored = x.to(self.dtype).cpu()  # x is a fresh stack, never the model's memory
+        norms = torch.linalg.vector_norm(x.float(), dim=-1).cpu().numpy()
+        stored = to_numpy_one(x.to(self.dtype).cpu())  # a fresh stack, not the model's memory
         at = 0
         residual = None
         for name, keys in groups:
@@ -211,12 +249,12 @@ class Capture:
             at += width
         return residual
 
-    def _neurons(self, out: dict[str, torch.Tensor]) -> None:
+    def _neurons(self, out: dict[str, np.ndarray]) -> None:
         """MLP hidden activations: stacked and cast on the device, one copy to the host (no
         norms: the format keeps none for neurons)."""
-        out["neurons"] = self._stack("neurons", self.layers).to(self.dtype).cpu()
+        out["neurons"] = to_numpy_one(self._stack("neurons", self.layers).to(self.dtype).cpu())
 
-    def _attention_arrays(self, out: dict[str, torch.Tensor]) -> None:
+    def _attention_arrays(self, out: dict[str, np.ndarray]) -> None:
         total = self.total_keys
         parts = []
         for layer in self.layers:
@@ -230,24 +268,28 @@ class Capture:
                 w = w[..., :total]
             parts.append(w if not parts or w.device == parts[0].device
                          else w.to(parts[0].device))
-        w = torch.stack(parts).permute(2, 0, 1, 3)  # [query, layer, head, key]
+        # [layer, batch, head, query, key] -> [query, layer, head, key], batch 0
+        w = torch.stack(parts)[:, 0].permute(2, 0, 1, 3)
         kk = min(self.attention_top_k, w.shape[-1])
         vals, idx = torch.topk(w.float(), kk, dim=-1)
-        empty = vals <= 0
-        idx = idx.masked_fill(empty, -1).to(torch.int32)
-        vals = vals.masked_fill(empty, 0.0)
-        if kk < self.attention_top_k:
-            pad = self.attention_top_k - kk
-            idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
-            vals = torch.nn.functional.pad(vals, (0, pad))
-        out["attention"] = w.to(self.dtype).contiguous().cpu()
-        out["attention_top_keys"] = idx.cpu()
-        out["attention_top_weights"] = vals.cpu()
+        out["attention"] = to_numpy_one(w.to(self.dtype).contiguous().cpu())
+        # Small: finished on the host, where each operation costs less than a torch call.
+        vals, idx = vals.cpu().numpy(), idx.to(torch.int32).cpu().numpy()
+        if kk < self.attention_top_k or not (vals > 0).all():  # fewer keys than k, or masked
+            empty = vals <= 0
+            keys_out = np.full((*vals.shape[:-1], self.attention_top_k), -1, dtype=np.int32)
+            weights_out = np.zeros(keys_out.shape, dtype=np.float32)
+            keys_out[..., :kk] = np.where(empty, -1, idx)
+            weights_out[..., :kk] = np.where(empty, 0.0, vals)
+            idx, vals = keys_out, weights_out
+        out["attention_top_keys"] = idx
+        out["attention_top_weights"] = vals
 
-    def collect(self, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """This step's arrays as CPU tensors, keyed like ``write_step``'s arrays."""
+    def collect(self, logits: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """This step's arrays on the host (numpy; bfloat16 as its uint16 bits, the stored
+        form), keyed like ``write_step``'s arrays."""
         groups = self.groups
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, np.ndarray] = {}
         residual = self._stream_vectors(out)
         if residual is None and self.keep_raw:
             residual = self._stack("residual", self.points)
@@ -265,9 +307,10 @@ class Capture:
         if "predictions" in groups:
             if top is None:
                 raise RecorderError("the model returned no logits to record predictions from")
-            out["top_ids"], out["top_logprobs"] = top
+            out["top_ids"], out["top_logprobs"] = top[0].numpy(), top[1].numpy()
         if "logit_lens" in groups:
-            out["lens_ids"], out["lens_logprobs"] = self._lens(residual, top)
+            lens_ids, lens_lp = self._lens(residual, top)
+            out["lens_ids"], out["lens_logprobs"] = lens_ids.numpy(), lens_lp.numpy()
         return out
 
     def _lens(self, residual: torch.Tensor, top: tuple | None) -> tuple[torch.Tensor, ...]:
@@ -319,15 +362,11 @@ class Capture:
         return self._raw
 
 
-def to_numpy(arrays: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """CPU tensors -> numpy; bfloat16 travels as its uint16 bits (the stored form)."""
-    out = {}
-    for name, t in arrays.items():
-        if t.dtype == torch.bfloat16:
-            out[name] = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        else:
-            out[name] = t.numpy()
-    return out
+def to_numpy_one(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy; bfloat16 travels as its uint16 bits (the stored form)."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 @contextlib.contextmanager

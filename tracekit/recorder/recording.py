@@ -20,7 +20,7 @@ import torch
 
 from .. import create as create_trace
 from ..format import CAPTURE_GROUPS, DEFAULT_ATTENTION_TOP_K, DEFAULT_TOP_K, ModelInfo, TracePlan
-from .capture import Capture, eager_attention, to_numpy
+from .capture import Capture, eager_attention
 from .errors import RecorderError
 from .structure import ModelStructure, discover_structure, input_device
 from .tokens import token_bytes
@@ -367,7 +367,7 @@ class Recording:
                 else:
                     output = model(input_ids=inputs)
                 logits = _get(output, "logits")
-                arrays = to_numpy(capture.collect(logits))
+                arrays = capture.collect(logits)
                 writer.write_step(new_ids, token_bytes(self.tokenizer, new_ids), arrays,
                                   step_time=time.time())
                 position += n

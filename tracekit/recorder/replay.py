@@ -157,7 +157,7 @@ def verify_trace(trace: Trace, model: torch.nn.Module, *, tolerance: float | Non
                 if name not in arrays:
                     continue
                 recorded = _float(trace[name][:n])
-                replay = arrays.pop(name).float().numpy()
+                replay = np.asarray(arrays.pop(name), dtype=np.float32)
                 if name == "attention":
                     checks.append(_absolute(name, replay, recorded, attn_tol))
                 else:

@@ -307,6 +307,12 @@ def _block_parts(index: int, block_name: str, block: nn.Module, calls: list[_Cal
             f"layer inside {attention.name})")
     o_proj = att_linears[-1]
     attn_end = _follow(o_proj, inside)
+    if (attn_end.output is not None and attention.output is not None
+            and attn_end.output.shape == attention.output.shape
+            and _same(attention.output, attn_end.output)):
+        # The attention module returns what it adds (GPT-2, Llama, ...): one hook there then
+        # gives both the pattern and attn_out, and every hook costs time at every step.
+        attn_end = attention
 
     mlp_linears = [c for c in inside if _is_linear(c.module) and not c.name.startswith(att_prefix)]
     downs = [c for c in mlp_linears if width(c) == d_model]
