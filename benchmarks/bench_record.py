@@ -196,9 +196,9 @@ print(json.dumps({"gen_seconds": t1 - t0, "cache_seconds": t2 - t1, "seconds": t
 
 
 # -- orchestration ----------------------------------------------------------------------------
-def best_of(repeat: int, job: dict, python: str = sys.executable) -> dict:
-    """The fastest of ``repeat`` runs (wall and CPU separately); memory from the first."""
-    runs = [run_worker(job, python) for _ in range(max(1, repeat))]
+def fastest(runs: list[dict]) -> dict:
+    """The fastest of several runs of one measurement (wall and CPU separately); memory from
+    the first."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[0]
@@ -214,6 +214,7 @@ def run_worker(job: dict, python: str = sys.executable) -> dict:
         cmd = [python, "-c", TL_WORKER, json.dumps(job)]
     else:
         cmd = [python, str(HERE), "--worker", json.dumps(job)]
+    os.sync()  # the previous run's trace is not written back during this one
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -254,7 +255,8 @@ def main() -> None:
     ap.add_argument("--tl-python", help="A Python with transformer-lens 4.x installed.")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per measurement; the fastest (wall and CPU) is kept")
+                    help="runs per measurement, interleaved; the fastest (wall and CPU) is "
+                         "kept")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a shared machine, OpenMP threads that "
                          "wait for a descheduled sibling make 2 threads ~9x slower than 1)")
@@ -289,19 +291,37 @@ def main() -> None:
             job = {"model_dir": str(folder), "length": n, "prompt": prompt,
                    "threads": args.threads, "out": str(work / "trace.zarr")}
             row: dict = {"model": name, "tokens": n}
-            for v in variants:
-                print(f"{name} {n}: {v}", file=sys.stderr, flush=True)
-                row[v] = best_of(args.repeat, {**job, "kind": "record",
-                                                "capture": CAPTURES[v]})
-                if "ids" in row[v] and "plain" not in row:
-                    print(f"{name} {n}: plain", file=sys.stderr, flush=True)
-                    row["plain"] = best_of(args.repeat, {**job, "kind": "plain",
-                                                         "ids": row[v]["ids"]})
-                    if tl_python:
-                        print(f"{name} {n}: TransformerLens", file=sys.stderr, flush=True)
-                        row["tl"] = best_of(args.repeat, {
-                            **job, "kind": "tl", "ids": row[v]["ids"], "prompt_len": PROMPT_LEN,
-                            "out": str(work / "tl_cache.npz")}, tl_python)
+            # The first recording gives the tokens every other run is fed. Then the runs are
+            # interleaved (plain, recordings, TL; again), so that a machine that drifts
+            # during the benchmark slows every measurement alike.
+            print(f"{name} {n}: {variants[0]}", file=sys.stderr, flush=True)
+            first = run_worker({**job, "kind": "record", "capture": CAPTURES[variants[0]]})
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            runs[variants[0]].append(first)
+            if "ids" not in first:
+                row[variants[0]] = first
+                rows.append(row)
+                continue
+            kinds = ["plain", *variants] + (["tl"] if tl_python else [])
+            runs["plain"], runs["tl"] = [], []
+            for rep in range(max(1, args.repeat)):
+                for kind in kinds:
+                    if rep == 0 and kind == variants[0]:
+                        continue  # the first recording
+                    print(f"{name} {n}: {kind} ({rep + 1}/{args.repeat})", file=sys.stderr,
+                          flush=True)
+                    if kind == "plain":
+                        spec = {**job, "kind": "plain", "ids": first["ids"]}
+                    elif kind == "tl":
+                        spec = {**job, "kind": "tl", "ids": first["ids"],
+                                "prompt_len": PROMPT_LEN, "out": str(work / "tl_cache.npz")}
+                    else:
+                        spec = {**job, "kind": "record", "capture": CAPTURES[kind]}
+                    runs[kind].append(run_worker(spec, tl_python if kind == "tl" else
+                                                 sys.executable))
+            for kind, done in runs.items():
+                if done:
+                    row[kind] = fastest(done)
             rows.append(row)
     print_table(rows, variants, tl_python)
 

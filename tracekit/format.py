@@ -7,6 +7,7 @@ in exactly one place.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -275,6 +276,10 @@ class TracePlan:
 
     def dim_sizes(self) -> dict[str, int]:
         """Length of every dimension at allocation time."""
+        return dict(self._dim_sizes)
+
+    @functools.cached_property
+    def _dim_sizes(self) -> dict[str, int]:
         return {
             "position": self.max_positions,
             "step": self.max_positions,

@@ -280,6 +280,14 @@ class ZarrArray(StoredArray):
         self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
 
+    def relocate(self, folder: Path, store: Any) -> None:
+        """The trace was moved (from its temporary name to its final one)."""
+        self._folder = folder
+        self._store = store
+        self._zarr = None
+        self._direct_root = folder if self._direct_root is not None else None
+        self._made_dirs = set()
+
     @property
     def _arr(self) -> zarr.Array:
         if self._zarr is None:
@@ -469,7 +477,10 @@ class ZarrBackend(Backend):
         self.path = path
         self._group = group
         self._final_path = final_path  # set while writing under a temporary name
-        self._meta_cache: dict[str, dict[str, Any]] = {}
+        # Arrays this backend created: handed out again by get_array instead of re-reading
+        # and re-checking the zarr.json it has just written (the writer opens every array
+        # once laid out), and moved along with the trace to its final name.
+        self._created: dict[str, ZarrArray] = {}
 
     @classmethod
     def create(cls, path: Path) -> ZarrBackend:
@@ -520,7 +531,9 @@ class ZarrBackend(Backend):
         folder = self.path / name  # type: ignore[operator]
         folder.mkdir()
         _write_json(folder / "zarr.json", meta)
-        return ZarrArray(name, folder, meta, self._group.store, writable=True)
+        arr = ZarrArray(name, folder, meta, self._group.store, writable=True)
+        self._created[name] = arr
+        return arr
 
     def array_names(self) -> list[str]:
         names = []
@@ -530,6 +543,8 @@ class ZarrBackend(Backend):
         return names
 
     def get_array(self, name: str) -> StoredArray:
+        if name in self._created:
+            return self._created[name]
         meta = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
         if meta.get("node_type") != "array":
             raise CorruptTraceError(f"{name!r} is not an array")
@@ -593,6 +608,8 @@ class ZarrBackend(Backend):
         self.path = self._final_path
         self._final_path = None
         self._group = zarr.open_group(store=zarr.storage.LocalStore(str(self.path)), mode="r+")
+        for name, arr in self._created.items():
+            arr.relocate(self.path / name, self._group.store)
 
     def seal(self) -> None:
         """Consolidate metadata (every array's zarr.json inlined in the group's, zarr-python's
