@@ -21,7 +21,7 @@ import torch
 from .errors import RecorderError
 from .structure import ModelStructure, first_tensor, input_tensor
 
-__all__ = ["Capture", "TORCH_DTYPES", "eager_attention", "to_numpy_one"]
+__all__ = ["Capture", "TORCH_DTYPES", "eager_attention"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
@@ -236,15 +236,15 @@ class Capture:
         if not groups:
             return None
         x = self._stack_many([(name, k) for name, keys in groups for k in keys])
-        norms = torch.linalg.vector_norm(x.float(), dim=-1).cpu().numpy()
-        stored = to_numpy_one(x.to(self.dtype).cpu())  # a fresh stack, not the model's memory
+        norms = _host(torch.linalg.vector_norm(x.float(), dim=-1))
+        stored = _host(x.to(self.dtype))  # x is a fresh stack, not the model's memory
         at = 0
         residual = None
         for name, keys in groups:
             width = len(keys)
             out[name] = stored[:, at: at + width]
             out[f"{name}_norm"] = norms[:, at: at + width]
-            if name == "residual":
+            if name == "residual" and self.keep_raw:
                 residual = x[:, at: at + width]
             at += width
         return residual
@@ -252,7 +252,7 @@ class Capture:
     def _neurons(self, out: dict[str, np.ndarray]) -> None:
         """MLP hidden activations: stacked and cast on the device, one copy to the host (no
         norms: the format keeps none for neurons)."""
-        out["neurons"] = to_numpy_one(self._stack("neurons", self.layers).to(self.dtype).cpu())
+        out["neurons"] = _host(self._stack("neurons", self.layers).to(self.dtype))
 
     def _attention_arrays(self, out: dict[str, np.ndarray]) -> None:
         total = self.total_keys
@@ -272,10 +272,10 @@ class Capture:
         w = torch.stack(parts)[:, 0].permute(2, 0, 1, 3)
         kk = min(self.attention_top_k, w.shape[-1])
         vals, idx = torch.topk(w.float(), kk, dim=-1)
-        out["attention"] = to_numpy_one(w.to(self.dtype).contiguous().cpu())
+        out["attention"] = _host(w.to(self.dtype).contiguous())
         # Small: finished on the host, where each operation costs less than a torch call.
-        vals, idx = vals.cpu().numpy(), idx.to(torch.int32).cpu().numpy()
-        if kk < self.attention_top_k or not (vals > 0).all():  # fewer keys than k, or masked
+        vals, idx = _host(vals), _host(idx).astype(np.int32)
+        if kk < self.attention_top_k or vals.min() <= 0:  # fewer keys than k, or masked ones
             empty = vals <= 0
             keys_out = np.full((*vals.shape[:-1], self.attention_top_k), -1, dtype=np.int32)
             weights_out = np.zeros(keys_out.shape, dtype=np.float32)
@@ -301,7 +301,7 @@ class Capture:
             self._neurons(out)
         top = None
         if logits is not None and ("predictions" in groups or "logit_lens" in groups):
-            lp = torch.log_softmax(logits.detach()[0].float(), dim=-1)
+            lp = torch.log_softmax(logits[0].float(), dim=-1)
             vals, ids = torch.topk(lp, self.top_k, dim=-1)
             top = (ids.to(torch.int32).cpu(), vals.cpu())
         if "predictions" in groups:
@@ -362,8 +362,11 @@ class Capture:
         return self._raw
 
 
-def to_numpy_one(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy; bfloat16 travels as its uint16 bits (the stored form)."""
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor on the host as numpy (copied there if on a device); bfloat16 travels as its
+    uint16 bits (the stored form)."""
+    if not t.is_cpu:
+        t = t.cpu()
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
