@@ -86,15 +86,21 @@ def _load(model_dir: str):
 
 
 def _plain_loop(model, ids: list[int]) -> None:
-    """Greedy KV-cache generation, teacher-forced on ``ids`` (same forwards as a recording)."""
+    """Greedy KV-cache generation, teacher-forced on ``ids``: the same forwards as a
+    recording, with the same cache (the model's own for the prompt, then preallocated)."""
     import torch
+
+    from tracekit.recorder.recording import preallocated_cache
 
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids[:PROMPT_LEN]]), use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
         int(out.logits[0, -1].argmax())
-        for tok in ids[PROMPT_LEN:]:
-            out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+        static = preallocated_cache(model, cache, len(ids))
+        cache = static if static is not None else cache
+        for i, tok in enumerate(ids[PROMPT_LEN:]):
+            extra = {} if static is None else {"cache_position": torch.tensor([PROMPT_LEN + i])}
+            out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True, **extra)
             cache = out.cache
             int(out.logits[0, -1].argmax())
 
