@@ -364,3 +364,23 @@ def test_offloaded_model_is_recorded_through_accelerate_hooks(tmp_path: Path) ->
     with tracekit.open(out) as t:
         assert t.metadata["run"]["device"] == "cpu"
         assert verify_trace(t, reference).ok
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+def test_generation_continues_in_a_preallocated_cache_where_it_can(family: str) -> None:
+    from tracekit.recorder.recording import preallocated_cache
+
+    model = tiny_model(family)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[3, 1, 4, 1, 5]]), use_cache=True)
+        grown = out.past_key_values
+        static = preallocated_cache(model, grown, 12)
+    if family == "mistral":  # sliding-window layers keep the model's own cache
+        assert static is None
+        return
+    assert type(static).__name__ == "StaticCache"
+    for mine, theirs in zip(static.layers, grown.layers, strict=True):
+        assert mine.keys.shape[-2] == 12  # room for every position, allocated once
+        assert torch.equal(mine.keys[:, :, :5], theirs.keys)
+        assert torch.equal(mine.values[:, :, :5], theirs.values)
+        assert not mine.keys[:, :, 5:].any()

@@ -276,7 +276,7 @@ class ZarrArray(StoredArray):
         self._writable = writable
         self._zarr: zarr.Array | None = None
         # Set when rows can be read and written with plain file reads and writes.
-        self._direct_root = folder if _direct_readable(meta) else None
+        self._direct_rows = _direct_readable(meta)
         self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
 
@@ -285,7 +285,6 @@ class ZarrArray(StoredArray):
         self._folder = folder
         self._store = store
         self._zarr = None
-        self._direct_root = folder if self._direct_root is not None else None
         self._made_dirs = set()
 
     @property
@@ -327,7 +326,7 @@ class ZarrArray(StoredArray):
         return dict(self._meta.get("attributes") or {})
 
     def __getitem__(self, key: tuple) -> np.ndarray:
-        split = split_rows_key(key, self.shape) if self._direct_root is not None else None
+        split = split_rows_key(key, self.shape) if self._direct_rows else None
         if split is not None:
             start, stop, rest, drop = split
             self._open_fds: list[int] = []
