@@ -31,6 +31,7 @@ from tracekit.errors import (
     TraceError,
     VersionError,
 )
+from tracekit.storage._hdf5 import _superblock_end
 
 #: A folder that the pickle payload creates if anything ever unpickles it.
 PWNED = "pwned-by-pickle"
@@ -759,7 +760,8 @@ def _hk(name: str, error: type[TraceError] | None, match: str = ""):
 for _fraction in (0.02, 0.5, 0.99):
     @_hk(f"truncated-to-{int(_fraction * 100)}pct", CorruptTraceError, "truncated")
     def _(t: Path, fraction: float = _fraction) -> None:
-        truncate(t, int(t.stat().st_size * fraction))
+        # Of what HDF5 wrote: a live writer's file also has space allocated ahead (zeros).
+        truncate(t, int(_superblock_end(t) * fraction))
 
 
 @_hk("metadata-block-bit-flips", TraceError)
