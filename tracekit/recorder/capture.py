@@ -94,9 +94,10 @@ class Capture:
         """Call ``before(args, kwargs)`` and/or ``after(output)`` around ``module``'s forward.
 
         The forward is wrapped on the instance (as accelerate does for device maps) rather
-        than hooked: a module with a torch hook takes nn.Module's slow call path, about 15 us
-        more per call in CPython, at every hooked module of every step. ``detach`` restores
-        what was there (accelerate's own wrapper included)."""
+        than hooked: a module with a torch hook takes nn.Module's slow call path, at every
+        hooked module of every step (on the demo model a decode step cost 0.25 ms more with
+        hooks, 0.17 ms with these taps). ``detach`` restores what was there (accelerate's own
+        wrapper included)."""
         own = module.__dict__.get("forward")
         inner = module.forward
 

@@ -9,7 +9,6 @@ The metadata is a JSON string in the root attribute ``tracekit``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -33,6 +32,7 @@ from . import (
     MAX_METADATA_BYTES,
     Backend,
     StoredArray,
+    allocate,
     check_dtype,
     chunk_parts,
     full_rows,
@@ -427,11 +427,7 @@ class HDF5Backend(Backend):
         if self._allocated - used >= RESERVE_BYTES // 2:
             return
         start = max(self._allocated, used)
-        try:
-            os.posix_fallocate(self._ahead_fd, start, RESERVE_BYTES)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise  # ENOSPC: the disk is full; say so before HDF5 runs into it
+        if not allocate(self._ahead_fd, start, RESERVE_BYTES):
             os.close(self._ahead_fd)
             self._ahead_fd = None  # this file system cannot allocate ahead: plain appends
             return

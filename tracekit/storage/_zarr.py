@@ -7,7 +7,6 @@ the codec allowlist by this module before zarr-python is allowed to open it.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import math
@@ -35,6 +34,7 @@ from . import (
     MAX_METADATA_BYTES,
     Backend,
     StoredArray,
+    allocate,
     check_dtype,
     chunk_parts,
     full_rows,
@@ -160,17 +160,6 @@ def _direct_readable(meta: dict[str, Any]) -> bool:
         return False
     grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
     return grid[1:] == meta["shape"][1:]
-
-
-def _preallocate(fd: int, nbytes: int) -> None:
-    """Give a new chunk file its length with its blocks allocated (ftruncate where the file
-    system cannot allocate: the file then reads as zeros just the same)."""
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise  # ENOSPC: the disk is full; say so before writing anything
-        os.ftruncate(fd, nbytes)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -422,10 +411,10 @@ class ZarrArray(StoredArray):
             size = os.fstat(fd).st_size
             if size == 0:
                 # A new chunk gets its full length (zeros, the fill value) before any row is
-                # written, so it is never short. Allocating the blocks at once also makes the
-                # writes steadily fast: ext4's delayed allocation of files written piecemeal
-                # ran at 0.3-0.9x of a plain append, preallocated ones at 1.0-1.2x.
-                _preallocate(fd, chunk_bytes)
+                # written, so it is never short; its blocks allocated at once where the file
+                # system can (steadily fast writes, see ``allocate``).
+                if not allocate(fd, 0, chunk_bytes):
+                    os.ftruncate(fd, chunk_bytes)
             elif size != chunk_bytes:
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
                                         f"expected {chunk_bytes}")
