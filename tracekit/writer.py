@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import platform
 import threading
@@ -149,7 +150,7 @@ class TraceWriter:
         self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
         try:
             create_layout(backend, plan)
-            backend.write_root_meta(self._meta)
+            backend.write_root_meta(self._meta, capacity=self._final_meta_bound())
             backend.begin_streaming()
         except BaseException:
             discard = getattr(backend, "discard", None)
@@ -445,6 +446,18 @@ class TraceWriter:
         self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
         self._backend.flush()
         self._committed = (end, s1)
+
+    def _final_meta_bound(self) -> int:
+        """Bytes the metadata can take once finalized: what :meth:`_finalize` adds, each
+        value as long as its JSON can be (float ranges of every tracked array, the longest
+        status, the planned length)."""
+        widest = -1.7976931348623157e308  # the longest float JSON writes: 24 characters
+        tracked = [n for name in self._inputs for n in (name, _NORMS.get(name)) if n]
+        final = {**self._meta, "status": "recording", "finished": _utcnow(),
+                 "length": {"positions": self.plan.max_positions,
+                            "steps": self.plan.max_positions},
+                 "summary": {"value_ranges": {n: [widest, widest] for n in tracked}}}
+        return len(json.dumps(final, sort_keys=True).encode("utf-8"))
 
     def _helper(self) -> ThreadPoolExecutor:
         if self._pool is None:

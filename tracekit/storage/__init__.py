@@ -87,7 +87,10 @@ class Backend(ABC):
         """The root metadata object; NotATraceError/MetadataError when absent or malformed."""
 
     @abstractmethod
-    def write_root_meta(self, meta: dict[str, Any]) -> None: ...
+    def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:
+        """Write the root metadata. ``capacity``: the most bytes (as compact sorted JSON) any
+        later version of it will take, so that a backend that rewrites it in place can size
+        it once (the writer passes it when it first writes the metadata)."""
 
     @abstractmethod
     def create_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype,

@@ -42,8 +42,19 @@ from . import (
 
 #: File space a writer keeps allocated ahead of HDF5's appends (see HDF5Backend._reserve).
 RESERVE_BYTES = 64 << 20
-#: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds.
+#: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds,
+#: when the writer does not say how large the metadata can grow.
 META_HEADROOM = 16384
+#: File space page. A SIGKILL can stop a write of several pages at a page boundary (the kernel
+#: copies a buffered write page by page and gives up when a fatal signal is pending), leaving
+#: a checksummed HDF5 metadata block half old, half new, and the file unreadable. Files are
+#: therefore created with HDF5's paged aggregation: no metadata block below a page straddles
+#: one, so every in-place update of one (chunk index nodes, object headers) is all or nothing.
+PAGE_BYTES = 4096
+#: Capacity of the metadata attribute when everything finalizing writes fits in it: its
+#: object-header chunk (the string plus about 60 bytes of message headers and checksum) then
+#: stays within one page, so the final, in-place metadata update cannot be torn.
+ONE_PAGE_META_BYTES = PAGE_BYTES - 256
 # HDF5 filter ids every HDF5 build has: deflate, shuffle, fletcher32.
 ALLOWED_FILTERS = frozenset({1, 2, 3})
 _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
@@ -113,6 +124,22 @@ def _check_not_truncated(path: Path) -> None:
     if end is not None and actual < end:
         raise CorruptTraceError(
             f"{path}: truncated HDF5 file ({actual} bytes, its superblock says {end})")
+
+
+def _dimension_labels(ds: h5py.Dataset) -> tuple[str, ...]:
+    """The dataset's dimension labels, read as a plain attribute.
+
+    The labels are variable-length strings in HDF5's global heap, which has no checksum.
+    HDF5's own ``H5DSget_label`` (h5py's ``dims[i].label``) crashed the process (a bad
+    ``free``) on a heap with one flipped bit; reading the attribute raises an error instead."""
+    raw = ds.attrs.get("DIMENSION_LABELS")
+    if raw is None:
+        return ("",) * ds.ndim
+    labels = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+              for v in np.atleast_1d(raw).tolist()]
+    if len(labels) != ds.ndim:
+        raise ValueError(f"{len(labels)} dimension labels for {ds.ndim} dimensions")
+    return tuple(labels)
 
 
 class HDF5Array(StoredArray):
@@ -251,7 +278,8 @@ class HDF5Backend(Backend):
         if path.exists():
             raise TraceExistsError(f"{path} already exists")
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        f = h5py.File(tmp, "w", libver="latest")
+        f = h5py.File(tmp, "w", libver="latest", fs_strategy="page", fs_page_size=PAGE_BYTES,
+                      fs_persist=False)
         return cls(tmp, f, final_path=path)
 
     @classmethod
@@ -310,9 +338,9 @@ class HDF5Backend(Backend):
             raise MetadataError(f"{self.path}: metadata is not a JSON object")
         return meta
 
-    def write_root_meta(self, meta: dict[str, Any]) -> None:
+    def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:
         # A fixed-length string, so that readers can check its size before reading it, with
-        # headroom, so that the final metadata overwrites it in place while still in SWMR
+        # room for the final metadata, which then overwrites it in place while still in SWMR
         # mode (leaving SWMR to rewrite it would make a killed writer's file unopenable).
         text = json.dumps(meta, sort_keys=True).encode("utf-8")
         if ROOT_KEY in self._f.attrs:
@@ -326,7 +354,15 @@ class HDF5Backend(Backend):
                 self._f.flush()
                 self._f.close()
                 self._f = h5py.File(self.path, "r+")
-        size = max(len(text), min(MAX_METADATA_BYTES, len(text) + META_HEADROOM), 1)
+        need = max(len(text), capacity or 0, 1)
+        if need <= ONE_PAGE_META_BYTES:
+            size = ONE_PAGE_META_BYTES
+        elif capacity is not None:
+            # Larger than a page: a SIGKILL landing inside the final update could tear it
+            # (microseconds at close); the spec says so.
+            size = need
+        else:
+            size = max(need, min(MAX_METADATA_BYTES, need + META_HEADROOM))
         self._f.attrs.create(ROOT_KEY, text, dtype=h5py.string_dtype("utf-8", size))
 
     # -- arrays -----------------------------------------------------------------------------
@@ -382,7 +418,7 @@ class HDF5Backend(Backend):
             raise DisallowedCodecError(f"array {name!r} uses disallowed HDF5 filter id(s) {bad}")
         check_dtype(name, dtype)
         try:
-            dims = (name,) if ds.is_scale else tuple(d.label for d in ds.dims)
+            dims = (name,) if ds.is_scale else _dimension_labels(ds)
         except _H5_ERRORS as exc:
             raise CorruptTraceError(f"array {name!r}: unreadable dimension labels ({exc})") from exc
         raw = (not filters and ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]

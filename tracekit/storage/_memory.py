@@ -62,7 +62,7 @@ class MemoryBackend(Backend):
             raise NotATraceError("memory trace has no metadata")
         return copy.deepcopy(self.meta)
 
-    def write_root_meta(self, meta: dict[str, Any]) -> None:
+    def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:
         self.meta = copy.deepcopy(meta)
 
     def create_array(self, name, shape, dtype, chunks, dims, attrs, compression,

@@ -506,7 +506,7 @@ class ZarrBackend(Backend):
             raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata object")
         return meta
 
-    def write_root_meta(self, meta: dict[str, Any]) -> None:
+    def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:
         _write_json(self.path / "zarr.json", _group_document(meta))  # type: ignore[operator]
 
     # -- arrays -----------------------------------------------------------------------------
