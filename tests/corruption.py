@@ -671,12 +671,6 @@ def _(t: Path) -> None:
         f["residual"].resize((2**40, *f["residual"].shape[1:]))
 
 
-@_h("dimension-labels-wrong", CorruptTraceError, "dimensions")
-def _(t: Path) -> None:
-    with h5py.File(t, "r+") as f:
-        f["residual"].dims[1].label = "banana"
-
-
 @_h("external-raw-data", DisallowedCodecError, "outside the trace")
 def _(t: Path) -> None:
     """Raw data in another file (it could be any file of the reader's) must not be read."""

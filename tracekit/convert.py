@@ -70,8 +70,8 @@ def _copy(trace: Trace, backend, progress: Progress | None) -> None:
             done += data.nbytes
             if progress:
                 progress(done, total)
-    backend.get_array("commit")[(slice(0, 2),)] = trace._backend.get_array("commit")[
-        (slice(0, 2),)]
+    counter = trace._backend.get_array("commit", dims=("commit_field",))
+    backend.get_array("commit")[(slice(0, 2),)] = counter[(slice(0, 2),)]
     trim_to([backend.get_array(n) for n in [*names, *plan.used_dims()]], positions, steps)
     backend.flush()
     backend.begin_streaming()

@@ -254,7 +254,7 @@ class Trace:
 
     # -- structure --------------------------------------------------------------------------
     def _load_commit(self) -> None:
-        stored = self._backend.get_array("commit")
+        stored = self._backend.get_array("commit", dims=("commit_field",))
         if stored.shape != (2,):
             raise CorruptTraceError(f"commit counter has shape {stored.shape}, expected (2,)")
         positions, steps = (int(v) for v in stored[(slice(0, 2),)])
@@ -332,7 +332,7 @@ class Trace:
             logical = "int64"
         else:
             raise MissingArrayError(f"no array named {name!r} in the format")
-        stored = self._backend.get_array(name)
+        stored = self._backend.get_array(name, dims=dims)
         if tuple(stored.dims) != dims:
             raise CorruptTraceError(
                 f"array {name!r} has dimensions {tuple(stored.dims)}, expected {dims}")

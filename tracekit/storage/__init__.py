@@ -102,8 +102,13 @@ class Backend(ABC):
     def array_names(self) -> list[str]: ...
 
     @abstractmethod
-    def get_array(self, name: str) -> StoredArray:
-        """The array, after its codecs and dtype passed the allowlist."""
+    def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
+        """The array, after its codecs and dtype passed the allowlist.
+
+        ``dims``: its dimension names, when the caller knows them (the format defines them
+        for every array). HDF5 then does not read its dimension labels, which live in the
+        global heap: that heap has no checksum, and HDF5 crashed or looped forever reading
+        labels from a heap with one flipped bit."""
 
     def metadata_problems(self) -> list[str]:
         """Disagreements between copies of the metadata the container keeps (zarr's

@@ -126,22 +126,6 @@ def _check_not_truncated(path: Path) -> None:
             f"{path}: truncated HDF5 file ({actual} bytes, its superblock says {end})")
 
 
-def _dimension_labels(ds: h5py.Dataset) -> tuple[str, ...]:
-    """The dataset's dimension labels, read as a plain attribute.
-
-    The labels are variable-length strings in HDF5's global heap, which has no checksum.
-    HDF5's own ``H5DSget_label`` (h5py's ``dims[i].label``) crashed the process (a bad
-    ``free``) on a heap with one flipped bit; reading the attribute raises an error instead."""
-    raw = ds.attrs.get("DIMENSION_LABELS")
-    if raw is None:
-        return ("",) * ds.ndim
-    labels = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-              for v in np.atleast_1d(raw).tolist()]
-    if len(labels) != ds.ndim:
-        raise ValueError(f"{len(labels)} dimension labels for {ds.ndim} dimensions")
-    return tuple(labels)
-
-
 class HDF5Array(StoredArray):
     def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
                  fd: int | None = None, writable: bool = False, raw: bool = False) -> None:
@@ -389,7 +373,7 @@ class HDF5Backend(Backend):
     def array_names(self) -> list[str]:
         return sorted(k for k, v in self._f.items() if isinstance(v, h5py.Dataset))
 
-    def get_array(self, name: str) -> StoredArray:
+    def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
         try:
             link = self._f.get(name, getlink=True)
             if link is not None and not isinstance(link, h5py.HardLink):
@@ -417,8 +401,14 @@ class HDF5Backend(Backend):
         if bad:
             raise DisallowedCodecError(f"array {name!r} uses disallowed HDF5 filter id(s) {bad}")
         check_dtype(name, dtype)
+        if dims is not None and len(dims) != len(ds.shape):
+            raise CorruptTraceError(f"array {name!r} has {len(ds.shape)} dimensions, "
+                                    f"expected {len(dims)}")
         try:
-            dims = (name,) if ds.is_scale else _dimension_labels(ds)
+            if ds.is_scale:
+                dims = (name,)
+            elif dims is None:  # trusted files only (the writer's own): see Backend.get_array
+                dims = tuple(d.label for d in ds.dims)
         except _H5_ERRORS as exc:
             raise CorruptTraceError(f"array {name!r}: unreadable dimension labels ({exc})") from exc
         raw = (not filters and ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]

@@ -74,7 +74,7 @@ class MemoryBackend(Backend):
     def array_names(self) -> list[str]:
         return sorted(self.arrays)
 
-    def get_array(self, name: str) -> StoredArray:
+    def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
         try:
             arr = self.arrays[name]
         except KeyError as exc:

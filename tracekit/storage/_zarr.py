@@ -530,7 +530,7 @@ class ZarrBackend(Backend):
                 names.append(entry)
         return names
 
-    def get_array(self, name: str) -> StoredArray:
+    def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
         if name in self._created:
             return self._created[name]
         meta = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
