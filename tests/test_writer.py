@@ -357,3 +357,31 @@ def test_hdf5_space_allocated_ahead_is_cut_when_the_writer_closes(tmp_path, smal
     assert path.stat().st_size == _superblock_end(path)
     with tracekit.open(path) as trace:
         assert trace.status == "complete"
+
+
+@pytest.mark.parametrize("prompt_chars", [10, 20000])
+def test_hdf5_root_metadata_is_sized_once_for_what_finalizing_writes(
+        tmp_path, small_plan, prompt_chars) -> None:
+    """The final metadata overwrites the first in place (no attribute recreated at close),
+    and it fits in one file page whenever it can (see spec section 6)."""
+    import h5py
+
+    from tracekit.storage._hdf5 import ONE_PAGE_META_BYTES
+
+    path = tmp_path / "t.h5"
+    w = tracekit.create(path, small_plan, run={"prompt": "x" * prompt_chars})
+    with h5py.File(path, "r", swmr=True) as f:
+        first = f.attrs.get_id("tracekit").get_type().get_size()
+    tracegen.feed_synthetic(w, small_plan, 3, small_plan.max_positions)
+    w.close()
+    with h5py.File(path, "r") as f:
+        final = f.attrs.get_id("tracekit").get_type().get_size()
+    assert final == first
+    if prompt_chars < 1000:
+        assert first == ONE_PAGE_META_BYTES
+    else:
+        assert first > prompt_chars
+    with tracekit.open(path) as trace:
+        assert trace.status == "complete"
+        assert trace.metadata["summary"]["value_ranges"]
+        assert trace.metadata["run"]["prompt"] == "x" * prompt_chars
