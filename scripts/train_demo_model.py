@@ -87,6 +87,52 @@ def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def copy_rows(train_ids: torch.Tensor, n: int, seq_len: int, min_len: int, max_len: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training rows (inputs, targets) of real training text in which one span is
+    repeated: a window w of the corpus, a span w[p : p+k] with k uniform in [min_len, max_len]
+    and p uniform, and the row is w[:p+k] + w[p:p+k] + w[p+k:], cut to seq_len + 1 tokens.
+
+    The second copy of the span is predictable from the first only by looking back to the
+    token after the current token's earlier occurrence, which is what induction heads do.
+    Span length and position vary so that no fixed position offset does the job."""
+    xs, ys = [], []
+    max_start = len(train_ids) - seq_len - 1
+    for _ in range(n):
+        k = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        p = int(torch.randint(0, seq_len + 1 - 2 * k + 1, (1,), generator=gen))
+        s = int(torch.randint(0, max_start + 1, (1,), generator=gen))
+        w = train_ids[s : s + seq_len + 1]
+        row = torch.cat([w[: p + k], w[p : p + k], w[p + k :]])[: seq_len + 1]
+        xs.append(row[:-1])
+        ys.append(row[1:])
+    return torch.stack(xs), torch.stack(ys)
+
+
+@torch.no_grad()
+def probe_heads(model, text: torch.Tensor, repeated: torch.Tensor, half: int):
+    """Best previous-token score on ``text`` rows and best induction score on ``repeated`` rows
+    (``<|endoftext|>`` + r + r, len(r) == half), as (score, layer, head) each; the same measures
+    as scripts/analyze_demo_heads.py, for the training log."""
+    was = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    model.eval()
+    a = torch.stack(model(input_ids=text, output_attentions=True).attentions)
+    t = torch.arange(1, a.shape[-1])
+    prev = a[..., t, t - 1].mean(dim=(1, 3))
+    a = torch.stack(model(input_ids=repeated, output_attentions=True).attentions)
+    i = torch.arange(half)
+    ind = a[..., 1 + half + i, 2 + i].mean(dim=(1, 3))
+    model.set_attn_implementation(was)
+    model.train()
+    n_head = prev.shape[1]
+    best = []
+    for s in (prev, ind):
+        j = int(s.flatten().argmax())
+        best.append((float(s.flatten()[j]), j // n_head, j % n_head))
+    return best[0], best[1]
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -165,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-lr", type=float, default=0.1,
                    help="AdamW peak lr of the (tied) token and the position embeddings")
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--repeat-fraction", type=float, default=0.25,
+                   help="fraction of each batch's rows that hold a repeated span of training "
+                   "text (in-context copying, so induction heads form); 0: plain windows only")
+    p.add_argument("--repeat-min", type=int, default=16,
+                   help="shortest repeated span, tokens")
+    p.add_argument("--repeat-max", type=int, default=None,
+                   help="longest repeated span, tokens (default: half the sequence length)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
@@ -176,12 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="dtype the weights are stored in")
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--probe-every", type=int, default=100,
+                   help="log the best previous-token and induction scores every N steps "
+                   "(at log steps; 0: never); does not change the training")
     p.add_argument("--no-card", action="store_true", help="skip head analysis and MODEL_CARD.md")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.repeat_max is None:
+        args.repeat_max = args.seq_len // 2
+    if not 0.0 <= args.repeat_fraction <= 1.0:
+        raise SystemExit("--repeat-fraction must be in [0, 1]")
+    if not 1 <= args.repeat_min <= args.repeat_max <= args.seq_len // 2:
+        raise SystemExit("need 1 <= --repeat-min <= --repeat-max <= seq-len / 2")
 
     t_start = time.time()
     random.seed(args.seed)
@@ -231,7 +293,21 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = make_optimizers(model, args)
     gen = torch.Generator().manual_seed(args.seed)
+    # The copying rows draw from their own generator, so --repeat-fraction 0 gives exactly the
+    # plain-window data order of the original recipe.
+    copy_gen = torch.Generator().manual_seed(args.seed + 1)
+    n_copy = round(args.repeat_fraction * args.batch)
     max_start = len(train_ids) - args.seq_len - 1
+    print(f"data: {args.batch - n_copy} plain windows + {n_copy} rows with a repeated span of "
+          f"{args.repeat_min}-{args.repeat_max} tokens per batch")
+
+    # probe rows for the log: held-out text windows, and <|endoftext|> + r + r with random r
+    probe_text = torch.stack([held_ids[j * args.seq_len : (j + 1) * args.seq_len]
+                              for j in range(8)])
+    pgen = torch.Generator().manual_seed(12345)
+    r = torch.randint(1, tok.get_vocab_size(), (16, 50), generator=pgen)
+    r[r == eot_id] = 1
+    probe_rep = torch.cat([torch.full((16, 1), eot_id), r, r], dim=1)
 
     # ---- train ------------------------------------------------------------------------------
     model.train()
@@ -243,9 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         for opt in opts:
             for g in opt.param_groups:
                 g["lr"] = g["peak_lr"] * factor
-        starts = torch.randint(0, max_start + 1, (args.batch,), generator=gen)
-        x = torch.stack([train_ids[s : s + args.seq_len] for s in starts])
-        y = torch.stack([train_ids[s + 1 : s + 1 + args.seq_len] for s in starts])
+        starts = torch.randint(0, max_start + 1, (args.batch - n_copy,), generator=gen)
+        x = torch.stack([train_ids[s : s + args.seq_len] for s in starts]
+                        or [train_ids[:0]]).reshape(-1, args.seq_len)
+        y = torch.stack([train_ids[s + 1 : s + 1 + args.seq_len] for s in starts]
+                        or [train_ids[:0]]).reshape(-1, args.seq_len)
+        if n_copy:
+            cx, cy = copy_rows(train_ids, n_copy, args.seq_len, args.repeat_min,
+                               args.repeat_max, copy_gen)
+            x, y = torch.cat([x, cx]), torch.cat([y, cy])
         logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         for opt in opts:
@@ -258,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         recent = recent[-args.log_every:]
         if step % args.log_every == 0 or step == args.steps - 1:
             avg = sum(recent) / len(recent)
+            probe = ""
+            if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
+                (pv, pl, ph), (iv, il, ih) = probe_heads(model, probe_text, probe_rep, 50)
+                probe = f"  prev L{pl}H{ph} {pv:.2f}  ind L{il}H{ih} {iv:.2f}"
             print(f"step {step:5d}  loss {loss.item():.4f}  avg{len(recent)} {avg:.4f}  "
-                  f"lr x{factor:.3f}  {time.time() - t_train:6.1f}s", flush=True)
+                  f"lr x{factor:.3f}  {time.time() - t_train:6.1f}s{probe}", flush=True)
     train_wall = time.time() - t_train
     train_cpu = time.process_time() - cpu_train
     final_train_avg = sum(recent) / len(recent)
