@@ -26,6 +26,7 @@ import platform
 import random
 import sys
 import sysconfig
+import textwrap
 import time
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 REPO = Path(__file__).resolve().parent.parent
 EOT = "<|endoftext|>"
 HELDOUT_EVERY = 20  # every 20th file (sorted order, starting at index 0) is held out
+# What the plain-window recipe (--repeat-fraction 0 --position-init normal, 3000 steps, seed 0,
+# 1 thread) gave, from that model's card, for comparison in this one's.
+PLAIN_RECIPE = {"steps": 3000, "held_out": 3.224, "prev": 0.33, "induction": 0.03}
 COPY_EVAL_ROWS = 256  # held-out rows with a repeated span, for the card's copying losses
 
 
@@ -262,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial value of the learned position embeddings: GPT-2's normal(0, "
                    "0.02), or the sin/cos table (still trained), from which previous-token "
                    "heads form much sooner")
-    p.add_argument("--repeat-fraction", type=float, default=0.25,
+    p.add_argument("--repeat-fraction", type=float, default=0.3,
                    help="fraction of each batch's rows that hold a repeated span of training "
                    "text (in-context copying, so induction heads form); 0: plain windows only")
-    p.add_argument("--repeat-random", type=float, default=0.0,
+    p.add_argument("--repeat-random", type=float, default=0.5,
                    help="fraction of those rows whose repeated span is random tokens (inserted "
                    "twice into the text; loss on the second copy only) instead of text")
     p.add_argument("--repeat-min", type=int, default=16,
@@ -510,7 +514,8 @@ def render_card(*, args, n_params, config, tok, train_files, held_files, train_b
            f"--threads {args.threads}")
     defaults = main_defaults()
     for name in ("batch", "seq_len", "optimizer", "lr", "muon_lr", "embed_lr", "warmup",
-                 "repeat_fraction", "repeat_min", "repeat_max", "vocab_size", "n_layer", "n_head",
+                 "position_init", "repeat_fraction", "repeat_random", "repeat_min",
+                 "repeat_max", "vocab_size", "n_layer", "n_head",
                  "n_embd", "n_positions", "dtype"):
         if getattr(args, name) != defaults[name]:
             cmd += f" --{name.replace('_', '-')} {getattr(args, name)}"
@@ -518,33 +523,73 @@ def render_card(*, args, n_params, config, tok, train_files, held_files, train_b
         cmd = cmd.replace(f" --repeat-max {args.repeat_max}", "")
     last = min(args.log_every, args.steps)
     n_copy = round(args.repeat_fraction * args.batch)
+    n_random = round(args.repeat_random * n_copy)
     if n_copy:
         data_order = (f"random windows from `torch.Generator().manual_seed({args.seed})`; "
                       f"the copying rows from `manual_seed({args.seed + 1})`")
+        spans = f"{args.repeat_min}-{args.repeat_max} tokens, length and place uniform"
+        kinds = []
+        if n_copy - n_random:
+            kinds.append(f"{n_copy - n_random} are a random window of training text in which a "
+                         f"span ({spans}) is repeated right after itself")
+        if n_random:
+            kinds.append(f"{n_random} are a random window of training text with a span of "
+                         f"random tokens ({spans}; uniform over the vocabulary but "
+                         f"`<|endoftext|>`) inserted twice in a row; the random tokens' own "
+                         f"targets (the first copy and the first token of the second) carry "
+                         f"no loss")
         copy_row = (f"{n_copy} of the {args.batch} rows of every batch "
-                    f"(`--repeat-fraction {args.repeat_fraction:g}`): a random window of training "
-                    f"text in which a span of {args.repeat_min}-{args.repeat_max} tokens (length "
-                    f"and place uniform) is repeated right after itself; the rest are plain "
-                    f"windows")
+                    f"(`--repeat-fraction {args.repeat_fraction:g} --repeat-random "
+                    f"{args.repeat_random:g}`): " + "; ".join(kinds) + ". The other "
+                    f"{args.batch - n_copy} rows are plain windows")
+        mean_k = (args.repeat_min + args.repeat_max) / 2
+        second = n_copy * mean_k / (args.batch * args.seq_len)
+        random_part = (n_random * mean_k * 2 / (args.batch * args.seq_len))
+        share = (f"about {second:.0%} of the training tokens are second copies of a span"
+                 + (f", and {random_part:.0%} are random tokens (both copies of the random "
+                    f"spans)" if n_random else ""))
+        if args.steps == PLAIN_RECIPE["steps"]:
+            delta = held_eval - PLAIN_RECIPE["held_out"]
+            cost = (f"The held-out loss on plain text is {held_eval:.3f}, {abs(delta):.3f} "
+                    f"{'higher' if delta > 0 else 'lower'} than that model's "
+                    f"{PLAIN_RECIPE['held_out']:.3f}: {share}"
+                    + (", and the position embeddings started from the sin/cos table"
+                       if args.position_init == "sinusoidal" else "") + ".")
+        else:
+            cost = f"In this recipe {share}."
         copy_text = f"""
 The copying rows are there so that induction heads form within this small budget. In the second
 copy of a span the next token can be read off the first copy (attend to the token after the
-earlier occurrence of the current token, and copy it), which is the job of an induction head;
-plain source code rewards that too, but too rarely for a model this small to learn it in a few
-thousand steps. Trained on plain windows only (`--repeat-fraction 0`, otherwise the same recipe,
-3000 steps), this model had previous-token-ish heads in layer 0 but no induction head (best
-induction score 0.03, held-out loss 3.224 on the card of that model). The spans are real
-training text, so the data is still only stdlib source; their length and place vary so that no
-fixed position offset predicts the copy. The copies cost the plain-text loss a little: about
-{args.repeat_fraction * (args.repeat_min + args.repeat_max) / 2 / args.seq_len:.0%} of the
-training tokens are second copies.
+earlier occurrence of the current token, and copy it), which is the job of an induction head.
+Plain source code rewards that too, but too rarely for a model this small to learn it in a few
+thousand steps: trained on plain windows only (`--repeat-fraction 0 --position-init normal`,
+otherwise the same recipe, {PLAIN_RECIPE["steps"]} steps), this model had previous-token-ish heads
+in layer 0 (best prev(text) {PLAIN_RECIPE["prev"]:.2f}) but no induction head (best induction
+score {PLAIN_RECIPE["induction"]:.2f}; held-out loss {PLAIN_RECIPE["held_out"]:.3f}). Text spans
+keep the data stdlib source; random-token spans can be predicted by copying and nothing else, so
+they give the copying circuit a clean signal. Length and place of the spans vary so that no fixed
+position offset predicts the copy. {cost}
 """
+        copy_text = "\n" + textwrap.fill(" ".join(copy_text.split()), width=98) + "\n"
         train_last = f"train batches (copying rows included), mean of the last {last} steps"
     else:
         data_order = f"random windows from `torch.Generator().manual_seed({args.seed})`"
         copy_row = "none (`--repeat-fraction 0`): plain windows only"
         copy_text = ""
         train_last = f"train, mean of the last {last} steps"
+    embed_text = ("The high embedding learning rate is there so that the learned position "
+                  "embeddings take shape within a few hundred steps: with one lr for everything "
+                  "the heads stayed position-blind.")
+    if args.position_init == "sinusoidal":
+        pos_init = ("the sin/cos table of the Transformer paper (amplitude 1), then trained; "
+                    "other weights GPT-2's normal(0, 0.02)")
+        embed_text += (" The position embeddings start from the sin/cos table (they are "
+                       "still learned), in which \"one position earlier\" is the same linear "
+                       "map everywhere: that is what a previous-token head, the first half of "
+                       "an induction circuit, needs.")
+    else:
+        pos_init = "GPT-2's normal(0, 0.02) for all weights"
+    embed_text = textwrap.fill(embed_text, width=98)
     return f"""# tracekit demo model
 
 A tiny GPT-2 (`GPT2LMHeadModel`) that tracekit trains itself, on the Python standard library's
@@ -602,14 +647,14 @@ Files are joined with `<|endoftext|>`.
 | copying rows | {copy_row} |
 | optimizer | {optim}; no weight decay; grad-norm clip 1.0 |
 | schedule | linear warmup {args.warmup} steps, cosine to 10% of peak |
+| initialisation | {pos_init} |
 | dropout | none |
 | seed | {args.seed} (`random`, `numpy`, `torch.manual_seed`); deterministic algorithms on |
 | hardware | CPU, {args.threads} torch thread(s) |
 | time | {train_wall:.0f} s wall ({train_cpu:.0f} s CPU) training; {total_wall:.0f} s wall in all |
 | versions | {versions} |
 
-The high embedding learning rate is there so that the learned position embeddings take shape
-within a few hundred steps: with one lr for everything the heads stayed position-blind.
+{embed_text}
 {copy_text}
 ## Results
 
