@@ -552,8 +552,10 @@ def render_card(*, args, n_params, config, tok, train_files, held_files, train_b
             delta = held_eval - PLAIN_RECIPE["held_out"]
             cost = (f"The held-out loss on plain text is {held_eval:.3f}, {abs(delta):.3f} "
                     f"{'higher' if delta > 0 else 'lower'} than that model's "
-                    f"{PLAIN_RECIPE['held_out']:.3f}: {share}"
-                    + (", and the position embeddings started from the sin/cos table"
+                    f"{PLAIN_RECIPE['held_out']:.3f}, "
+                    f"{'as' if delta > 0 else 'although'} {share}"
+                    + ("; the position embeddings also started from the sin/cos table, and "
+                       "which of the two changes moved the loss how much was not measured"
                        if args.position_init == "sinusoidal" else "") + ".")
         else:
             cost = f"In this recipe {share}."
