@@ -75,12 +75,25 @@ def attentions(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([a.float() for a in out.attentions])
 
 
+def prev_token_scores(a: torch.Tensor) -> torch.Tensor:
+    """Mean attention from each position t >= 1 to t - 1, per [layer, head], of attentions
+    ``a`` [layer, batch, head, query, key]."""
+    t = torch.arange(1, a.shape[-1])
+    return a[..., t, t - 1].mean(dim=(1, 3))
+
+
+def induction_scores(a: torch.Tensor, n: int) -> torch.Tensor:
+    """On rows of one start token + r + r (len(r) == n): mean attention from the second copy
+    of token i to the token after its first copy, per [layer, head]."""
+    i = torch.arange(n)
+    return a[..., 1 + n + i, 2 + i].mean(dim=(1, 3))
+
+
 def head_scores(model, tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-head scores, each a [n_layer, n_head] tensor, keyed by COLUMNS."""
     model.eval()
     a = attentions(model, text_windows(tokenizer))
-    t = torch.arange(1, a.shape[-1])
-    prev_token = a[..., t, t - 1].mean(dim=(1, 3))
+    prev_token = prev_token_scores(a)
     first = a[..., 1:, 0].mean(dim=(1, 3))
     t = torch.arange(LOCAL, a.shape[-1])
     local = sum(a[..., t, t - k] for k in range(1, LOCAL + 1)).mean(dim=(1, 3))
@@ -89,7 +102,7 @@ def head_scores(model, tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
     n = IND_LEN
     i = torch.arange(n)
     q2 = 1 + n + i  # second copy of token i
-    induction = a[..., q2, 2 + i].mean(dim=(1, 3))
+    induction = induction_scores(a, n)
     duplicate = a[..., q2, 1 + i].mean(dim=(1, 3))
     t = torch.arange(2, 1 + n)
     prev_random = a[..., t, t - 1].mean(dim=(1, 3))

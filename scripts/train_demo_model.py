@@ -140,16 +140,13 @@ def copy_rows(train_ids: torch.Tensor, n: int, seq_len: int, min_len: int, max_l
 def probe_heads(model, text: torch.Tensor, repeated: torch.Tensor, half: int):
     """Best previous-token score on ``text`` rows and best induction score on ``repeated`` rows
     (``<|endoftext|>`` + r + r, len(r) == half), as (score, layer, head) each; the same measures
-    as scripts/analyze_demo_heads.py, for the training log."""
+    as scripts/analyze_demo_heads.py (its functions), for the training log."""
+    analysis = load_analysis()
     was = model.config._attn_implementation
     model.set_attn_implementation("eager")
     model.eval()
-    a = torch.stack(model(input_ids=text, output_attentions=True).attentions)
-    t = torch.arange(1, a.shape[-1])
-    prev = a[..., t, t - 1].mean(dim=(1, 3))
-    a = torch.stack(model(input_ids=repeated, output_attentions=True).attentions)
-    i = torch.arange(half)
-    ind = a[..., 1 + half + i, 2 + i].mean(dim=(1, 3))
+    prev = analysis.prev_token_scores(analysis.attentions(model, text))
+    ind = analysis.induction_scores(analysis.attentions(model, repeated), half)
     model.set_attn_implementation(was)
     model.train()
     n_head = prev.shape[1]
