@@ -237,7 +237,7 @@ class Capture:
         if not groups:
             return None
         x = self._stack_many([(name, k) for name, keys in groups for k in keys])
-        norms = _host(torch.linalg.vector_norm(x.float(), dim=-1))
+        norms = _host(torch.linalg.vector_norm(_float(x), dim=-1))
         stored = _host(x.to(self.dtype))  # x is a fresh stack, not the model's memory
         at = 0
         residual = None
@@ -262,17 +262,15 @@ class Capture:
             w = self._buf.get(("attention", layer))
             if w is None:
                 raise RecorderError(f"no attention was captured for layer {layer} in this step")
-            keys = w.shape[-1]
-            if total and keys < total:  # a sliding-window cache keeps only the latest keys
-                w = torch.nn.functional.pad(w, (total - keys, 0))
-            elif total and keys > total:  # a cache with spare room: keys past the sequence
-                w = w[..., :total]
-            parts.append(w if not parts or w.device == parts[0].device
-                         else w.to(parts[0].device))
-        # [layer, batch, head, query, key] -> [query, layer, head, key], batch 0
-        w = torch.stack(parts)[:, 0].permute(2, 0, 1, 3)
+            parts.append(w)
+        device = parts[0].device
+        if any(p.device != device or p.shape != parts[0].shape for p in parts):
+            parts = [_keys_to(p, total).to(device) for p in parts]
+        # [layer, batch, head, query, key] -> [query, layer, head, key], batch 0; the keys
+        # fitted to the sequence once for all layers (the usual case: they share one cache)
+        w = _keys_to(torch.stack(parts)[:, 0], total).permute(2, 0, 1, 3)
         kk = min(self.attention_top_k, w.shape[-1])
-        vals, idx = torch.topk(w.float(), kk, dim=-1)
+        vals, idx = torch.topk(_float(w), kk, dim=-1)
         out["attention"] = _host(w.to(self.dtype).contiguous())
         # Small: finished on the host, where each operation costs less than a torch call.
         vals, idx = _host(vals), _host(idx).astype(np.int32)
@@ -302,7 +300,7 @@ class Capture:
             self._neurons(out)
         top = None
         if logits is not None and ("predictions" in groups or "logit_lens" in groups):
-            lp = torch.log_softmax(logits[0].float(), dim=-1)
+            lp = torch.log_softmax(_float(logits[0]), dim=-1)
             vals, ids = torch.topk(lp, self.top_k, dim=-1)
             top = (ids.to(torch.int32).cpu(), vals.cpu())
         if "predictions" in groups:
@@ -361,6 +359,24 @@ class Capture:
     def raw_residual(self) -> dict[int, torch.Tensor]:
         """This step's residual stream per point, in the model's dtype (for the logit lens)."""
         return self._raw
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32, without a torch call when it already is (each call costs
+    microseconds, at every step)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _keys_to(w: torch.Tensor, total: int) -> torch.Tensor:
+    """Attention weights over exactly ``total`` keys: a preallocated cache has spare slots
+    past the sequence (weight 0: dropped); a sliding-window cache keeps only the latest keys
+    (the earlier ones get weight 0)."""
+    keys = w.shape[-1]
+    if not total or keys == total:
+        return w
+    if keys > total:
+        return w[..., :total]
+    return torch.nn.functional.pad(w, (total - keys, 0))
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
