@@ -14,8 +14,10 @@ its own), on the same tokens, with the same (eager) attention:
            and saving the same content as core (residual, attn/MLP out, patterns) with float16
            ``np.savez``.
 
-Ratios are against the plain loop measured in the same run; "growth" is peak RSS minus RSS after
-the model was loaded and warmed up. Usage::
+Ratios are against the plain loop measured in the same run: each round runs every measurement
+once, and a ratio is the median over rounds of a run's time over the baseline's of the same round
+(seconds are the fastest run's); "growth" is peak RSS minus RSS after the model was loaded and
+warmed up. Usage::
 
     python benchmarks/bench_record.py                      # demo model + 12L d768 GPT-2
     python benchmarks/bench_record.py --lengths 256 --models gpt2-768 --tl-python /path/python
@@ -215,6 +217,19 @@ def fastest(runs: list[dict]) -> dict:
     return best
 
 
+def paired_ratios(runs: list[dict], base: list[dict]) -> dict[str, float]:
+    """Median over rounds of run / baseline of the same round, for wall and CPU time."""
+    import statistics
+
+    out = {}
+    for key in ("seconds", "cpu"):
+        ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=False)
+                  if r.get(key) and b.get(key)]
+        if ratios:
+            out[key] = statistics.median(ratios)
+    return out
+
+
 def run_worker(job: dict, python: str = sys.executable) -> dict:
     if job["kind"] == "tl":
         cmd = [python, "-c", TL_WORKER, json.dumps(job)]
@@ -261,8 +276,8 @@ def main() -> None:
     ap.add_argument("--tl-python", help="A Python with transformer-lens 4.x installed.")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per measurement, interleaved; the fastest (wall and CPU) is "
-                         "kept")
+                    help="rounds: each runs every measurement once, interleaved; ratios are "
+                         "the median of the rounds' ratios, seconds the fastest run's")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a shared machine, OpenMP threads that "
                          "wait for a descheduled sibling make 2 threads ~9x slower than 1)")
@@ -328,6 +343,12 @@ def main() -> None:
             for kind, done in runs.items():
                 if done:
                     row[kind] = fastest(done)
+            # Ratios pair each run with the baseline of the same round (adjacent in time, so
+            # a machine whose speed drifts between rounds slows both alike), median of rounds.
+            for kind in runs:
+                base = "plain" if kind != "tl" else variants[0]
+                if kind in row and base in row:
+                    row[kind]["paired"] = paired_ratios(runs[kind], runs[base])
             rows.append(row)
     print_table(rows, variants, tl_python)
 
@@ -347,11 +368,17 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def _ratio(a: dict, b: dict) -> str:
-    """``wall (cpu)`` ratio of a over b."""
-    if not a.get("seconds") or not b.get("seconds"):
+    """``wall (cpu)`` ratio of a over b: the median of the rounds' paired ratios where there
+    are some, else of the fastest runs."""
+    paired = a.get("paired") or {}
+    if paired.get("seconds"):
+        wall, cpu = paired["seconds"], paired.get("cpu")
+    elif a.get("seconds") and b.get("seconds"):
+        wall = a["seconds"] / b["seconds"]
+        cpu = a["cpu"] / b["cpu"] if a.get("cpu") and b.get("cpu") else None
+    else:
         return "-"
-    cpu = f" ({a['cpu'] / b['cpu']:.2f})" if a.get("cpu") and b.get("cpu") else ""
-    return f"{a['seconds'] / b['seconds']:.2f}x{cpu}"
+    return f"{wall:.2f}x" + (f" ({cpu:.2f})" if cpu else "")
 
 
 def print_table(rows: list[dict], variants: list[str], tl_python: str | None) -> None:

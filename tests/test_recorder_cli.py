@@ -182,15 +182,15 @@ def test_costly_logit_lens_is_left_out_by_default_on_cpu(model_dir: Path, tmp_pa
 def test_ctrl_c_keeps_what_was_recorded(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from tracekit.recorder.capture import Capture
 
-    collect, calls = Capture.collect, {"n": 0}
+    take, calls = Capture.take, {"n": 0}
 
-    def interrupted(self, logits):  # Ctrl-C during the 4th step
+    def interrupted(self):  # Ctrl-C just after the 4th forward pass
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return collect(self, logits)
+        return take(self)
 
-    monkeypatch.setattr(Capture, "collect", interrupted)
+    monkeypatch.setattr(Capture, "take", interrupted)
     out = tmp_path / "t.zarr"
     result = run("record", model_dir, "-p", PROMPT, "-o", out, "-n", "10")
     assert result.exit_code == 130

@@ -1,18 +1,19 @@
-"""Taps that gather one step's activations, on whatever device each module runs.
+"""Taps that gather each step's activations, on whatever device each module runs.
 
 A tap wraps a module's forward (see :meth:`Capture._tap`) and only keeps a reference to the
-tensor it sees. After the forward pass :meth:`Capture.collect` stacks each group over layers on
-the device, computes the summaries (L2 norms, top-k attention) and casts to the stored dtype
-there (a torch cast is much faster than numpy's), and copies each array to the host once: a few
-batched operations per step instead of several per layer. Nothing is kept between steps, so
-memory does not grow with the sequence.
-"""
+tensor it sees; :meth:`Capture.take` hands a forward pass's references over. Then
+:meth:`Capture.collect_steps` stacks each group over layers (and over a batch of steps) on the
+device, computes the summaries (L2 norms, top-k attention), casts to the stored dtype there (a
+torch cast is much faster than numpy's) and copies each array to the host once: a few batched
+operations for several steps instead of several per layer and step. The caller holds a bounded
+number of steps, so memory does not grow with the sequence."""
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from .errors import RecorderError
 from .structure import ModelStructure, first_tensor, input_tensor
 
-__all__ = ["Capture", "TORCH_DTYPES", "eager_attention"]
+__all__ = ["Capture", "StepTaps", "TORCH_DTYPES", "eager_attention"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
@@ -34,9 +35,11 @@ def _stacked_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """Tensors of [1, n, d] (or [n, d], as OPT's MLP flattens) -> one [n, k, d]: the batch
     holds one sequence. One stack and one reshape, whatever k is."""
     d = parts[0].shape[-1]
-    if any(p.shape != parts[0].shape for p in parts):
-        parts = [p.reshape(-1, d) for p in parts]
-    return torch.stack(parts, dim=-2).reshape(-1, len(parts), d)
+    try:
+        stacked = torch.stack(parts, dim=-2)
+    except RuntimeError:  # shapes differ
+        stacked = torch.stack([p.reshape(-1, d) for p in parts], dim=-2)
+    return stacked.reshape(-1, len(parts), d)
 
 
 def _attention_weights(output: Any) -> torch.Tensor | None:
@@ -190,8 +193,8 @@ class Capture:
 
     def _keep(self, role: str, index: int, t: torch.Tensor | None) -> None:
         # Only a reference (not even a view: every torch call costs microseconds, at every
-        # hook of every step): all the work happens once per step in collect(), batched over
-        # layers. transformers does not modify activations in place (autograd would refuse it
+        # hook of every step): all the work happens in collect_steps(), batched over layers
+        # and steps. transformers does not modify activations in place (autograd would refuse it
         # in training), and the architecture tests compare every family with a fresh forward.
         if t is not None:
             self._buf[(role, index)] = t
@@ -209,14 +212,88 @@ class Capture:
         self._raw.clear()
         self._calls.clear()
 
-    def _stack(self, name: str, keys: Iterable[int]) -> torch.Tensor:
-        """The captured tensors of ``name`` for ``keys`` stacked on axis 1, on the device of
-        the first (a model spread over devices moves the others there)."""
-        return self._stack_many([(name, k) for k in keys])
+    def take(self) -> StepTaps:
+        """Hand over what the taps kept in the forward pass just run (references, nothing
+        copied) and start a fresh buffer for the next one."""
+        taps = StepTaps(self._buf, self.total_keys)
+        self._buf = {}
+        self._calls.clear()
+        return taps
 
-    def _stack_many(self, wanted: list[tuple[str, int]]) -> torch.Tensor:
+    def collect(self, logits: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """This step's arrays on the host (numpy; bfloat16 as its uint16 bits, the stored
+        form), keyed like ``write_step``'s arrays, from what the taps hold now."""
+        return self.collect_steps([(StepTaps(self._buf, self.total_keys), logits)])[0]
+
+    def collect_steps(self, steps: Sequence[tuple[StepTaps, torch.Tensor | None]]
+                      ) -> list[dict[str, np.ndarray]]:
+        """The arrays of several steps (see :meth:`take`), one dict per step.
+
+        Consecutive steps of the same shapes (the decode steps of a preallocated cache) are
+        gathered together: each stack, norm, top-k, cast and copy to the host runs once for
+        all of them. On a CPU a step of a small model is a few milliseconds and every torch
+        call costs microseconds (tens, just after a forward pass has run); on a GPU each copy
+        to the host is a synchronisation. The results equal step-by-step collection."""
+        results: list[dict[str, np.ndarray]] = []
+        keys = [_batch_key(taps, logits) for taps, logits in steps]
+        i = 0
+        while i < len(steps):
+            j = i + 1
+            if keys[i] is not None:
+                while j < len(steps) and keys[j] == keys[i]:
+                    j += 1
+            results.extend(self._collect_group(steps[i:j]))
+            i = j
+        return results
+
+    def _collect_group(self, steps: Sequence[tuple[StepTaps, torch.Tensor | None]]
+                       ) -> list[dict[str, np.ndarray]]:
+        bufs = [taps.buf for taps, _ in steps]
+        totals = [taps.total_keys for taps, _ in steps]
+        groups = self.groups
+        out: dict[str, np.ndarray] = {}
+        residual = self._stream_vectors(bufs, out)
+        if residual is None and self.keep_raw:
+            residual = self._rows(bufs, [("residual", p) for p in self.points])
+        if self.keep_raw and residual is not None:
+            self._raw = {p: residual[:, j] for j, p in enumerate(self.points)}
+        if "attention" in groups:
+            self._attention_arrays(bufs, totals, out)
+        if "neurons" in groups:
+            out["neurons"] = _host(self._rows(bufs, [("neurons", k) for k in self.layers])
+                                   .to(self.dtype))
+        top = None
+        logits = [lg for _, lg in steps]
+        if logits[0] is not None and ("predictions" in groups or "logit_lens" in groups):
+            rows = logits[0][0] if len(logits) == 1 else torch.stack(logits).flatten(0, 2)
+            lp = torch.log_softmax(_float(rows), dim=-1)
+            vals, ids = torch.topk(lp, self.top_k, dim=-1)
+            top = (ids.to(torch.int32).cpu(), vals.cpu())
+        if "predictions" in groups:
+            if top is None:
+                raise RecorderError("the model returned no logits to record predictions from")
+            out["top_ids"], out["top_logprobs"] = top[0].numpy(), top[1].numpy()
+        if "logit_lens" in groups:
+            lens_ids, lens_lp = self._lens(residual, top)
+            out["lens_ids"], out["lens_logprobs"] = lens_ids.numpy(), lens_lp.numpy()
+        if len(steps) == 1:
+            return [out]
+        n = next(iter(out.values())).shape[0] // len(steps)  # positions per step
+        per_step = []
+        for i, total in enumerate(totals):
+            rows = slice(i * n, (i + 1) * n)
+            arrays = {name: a[rows] for name, a in out.items()}
+            if "attention" in arrays:  # the keys this step's queries saw; the rest are 0
+                arrays["attention"] = np.ascontiguousarray(arrays["attention"][..., :total])
+            per_step.append(arrays)
+        return per_step
+
+    def _rows(self, bufs: list[dict], wanted: list[tuple[str, int]]) -> torch.Tensor:
+        """The captured tensors ``wanted`` of every step in ``bufs`` as [position, key, d]:
+        the steps' positions one after another. One stack, on the device of the first (a
+        model spread over devices moves the others there)."""
         try:
-            parts = [self._buf[key] for key in wanted]
+            parts = [buf[key] for buf in bufs for key in wanted]
         except KeyError as exc:
             raise RecorderError(
                 f"no {exc.args[0][0]} was captured for layer/point {exc.args[0][1]} in this "
@@ -224,19 +301,24 @@ class Capture:
         device = parts[0].device
         if any(p.device != device for p in parts):
             parts = [p.to(device) for p in parts]
-        return _stacked_rows(parts)
+        x = _stacked_rows(parts)  # [n, steps * k, d]
+        if len(bufs) > 1:
+            n, _, d = x.shape
+            x = x.reshape(n, len(bufs), len(wanted), d).transpose(0, 1).reshape(-1, len(wanted), d)
+        return x
 
-    def _stream_vectors(self, out: dict[str, np.ndarray]) -> torch.Tensor | None:
+    def _stream_vectors(self, bufs: list[dict], out: dict[str, np.ndarray]
+                        ) -> torch.Tensor | None:
         """Residual stream, attention out and MLP out (all d_model wide) stacked together, so
-        norms, the cast and the copy to the host are one operation each per step, not three
-        (then split on the host, where slicing costs nothing).
+        norms, the cast and the copy to the host are one operation each, not three (then
+        split on the host, where slicing costs nothing).
         Returns the residual part (model dtype, on the device) for the logit lens."""
         groups = [(name, keys) for name, keys in (
             ("residual", self.points), ("attn_out", self.layers), ("mlp_out", self.layers))
             if name in self.groups]
         if not groups:
             return None
-        x = self._stack_many([(name, k) for name, keys in groups for k in keys])
+        x = self._rows(bufs, [(name, k) for name, keys in groups for k in keys])
         norms = _host(torch.linalg.vector_norm(_float(x), dim=-1))
         stored = _host(x.to(self.dtype))  # x is a fresh stack, not the model's memory
         at = 0
@@ -250,25 +332,28 @@ class Capture:
             at += width
         return residual
 
-    def _neurons(self, out: dict[str, np.ndarray]) -> None:
-        """MLP hidden activations: stacked and cast on the device, one copy to the host (no
-        norms: the format keeps none for neurons)."""
-        out["neurons"] = _host(self._stack("neurons", self.layers).to(self.dtype))
-
-    def _attention_arrays(self, out: dict[str, np.ndarray]) -> None:
-        total = self.total_keys
+    def _attention_arrays(self, bufs: list[dict], totals: list[int],
+                          out: dict[str, np.ndarray]) -> None:
         parts = []
-        for layer in self.layers:
-            w = self._buf.get(("attention", layer))
-            if w is None:
-                raise RecorderError(f"no attention was captured for layer {layer} in this step")
-            parts.append(w)
+        for buf in bufs:
+            for layer in self.layers:
+                w = buf.get(("attention", layer))
+                if w is None:
+                    raise RecorderError(
+                        f"no attention was captured for layer {layer} in this step")
+                parts.append(w)
+        total = max(totals)
         device = parts[0].device
         if any(p.device != device or p.shape != parts[0].shape for p in parts):
+            # layers of different caches (sliding windows) or devices: one step at a time
             parts = [_keys_to(p, total).to(device) for p in parts]
-        # [layer, batch, head, query, key] -> [query, layer, head, key], batch 0; the keys
-        # fitted to the sequence once for all layers (the usual case: they share one cache)
-        w = _keys_to(torch.stack(parts)[:, 0], total).permute(2, 0, 1, 3)
+        # [step * layer, batch, head, query, key] -> [step * query, layer, head, key], batch
+        # 0; the keys fitted to the sequence once (the usual case: layers share one cache)
+        w = _keys_to(torch.stack(parts)[:, 0], total)
+        if len(bufs) == 1:
+            w = w.permute(2, 0, 1, 3)
+        else:
+            w = w.unflatten(0, (len(bufs), -1)).permute(0, 3, 1, 2, 4).flatten(0, 1)
         kk = min(self.attention_top_k, w.shape[-1])
         vals, idx = torch.topk(_float(w), kk, dim=-1)
         out["attention"] = _host(w.to(self.dtype).contiguous())
@@ -283,34 +368,6 @@ class Capture:
             idx, vals = keys_out, weights_out
         out["attention_top_keys"] = idx
         out["attention_top_weights"] = vals
-
-    def collect(self, logits: torch.Tensor | None) -> dict[str, np.ndarray]:
-        """This step's arrays on the host (numpy; bfloat16 as its uint16 bits, the stored
-        form), keyed like ``write_step``'s arrays."""
-        groups = self.groups
-        out: dict[str, np.ndarray] = {}
-        residual = self._stream_vectors(out)
-        if residual is None and self.keep_raw:
-            residual = self._stack("residual", self.points)
-        if self.keep_raw and residual is not None:
-            self._raw = {p: residual[:, j] for j, p in enumerate(self.points)}
-        if "attention" in groups:
-            self._attention_arrays(out)
-        if "neurons" in groups:
-            self._neurons(out)
-        top = None
-        if logits is not None and ("predictions" in groups or "logit_lens" in groups):
-            lp = torch.log_softmax(_float(logits[0]), dim=-1)
-            vals, ids = torch.topk(lp, self.top_k, dim=-1)
-            top = (ids.to(torch.int32).cpu(), vals.cpu())
-        if "predictions" in groups:
-            if top is None:
-                raise RecorderError("the model returned no logits to record predictions from")
-            out["top_ids"], out["top_logprobs"] = top[0].numpy(), top[1].numpy()
-        if "logit_lens" in groups:
-            lens_ids, lens_lp = self._lens(residual, top)
-            out["lens_ids"], out["lens_logprobs"] = lens_ids.numpy(), lens_lp.numpy()
-        return out
 
     def _lens(self, residual: torch.Tensor, top: tuple | None) -> tuple[torch.Tensor, ...]:
         """Top-k of the logit lens at every point. All points of all new positions go through
@@ -359,6 +416,27 @@ class Capture:
     def raw_residual(self) -> dict[int, torch.Tensor]:
         """This step's residual stream per point, in the model's dtype (for the logit lens)."""
         return self._raw
+
+
+@dataclass(frozen=True)
+class StepTaps:
+    """What the taps kept in one forward pass (references to the model's tensors, by role
+    and layer) and the number of keys its queries could see."""
+
+    buf: dict[tuple[str, int], Any]
+    total_keys: int
+
+
+def _batch_key(taps: StepTaps, logits: torch.Tensor | None) -> tuple | None:
+    """Steps with equal keys are collected together: the same tensors of the same shapes,
+    every layer's attention over one cache that holds at least the step's keys (so no step
+    needs its own padding). None: the step is collected alone."""
+    shapes = tuple(t.shape for t in taps.buf.values())
+    shapes += (None if logits is None else logits.shape,)
+    keys = {t.shape[-1] for (role, _), t in taps.buf.items() if role == "attention"}
+    if len(keys) > 1 or (keys and keys.pop() < taps.total_keys):
+        return None  # layers with caches of their own, or a sliding window
+    return shapes
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:

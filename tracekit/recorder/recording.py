@@ -1,7 +1,7 @@
 """The recording loop: prompt at step 0, then one new position per step with the KV cache.
 
-Every position is recorded exactly once, by the forward pass that computes it, and each step goes
-to the writer as soon as it is computed, so memory stays flat however long the generation runs.
+Every position is recorded exactly once, by the forward pass that computes it, and the steps go to
+the writer in small batches of bounded size, so memory stays flat however long the generation runs.
 Ctrl-C finalises a valid trace (status ``aborted``) holding every step computed so far.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from .. import create as create_trace
 from ..format import CAPTURE_GROUPS, DEFAULT_ATTENTION_TOP_K, DEFAULT_TOP_K, ModelInfo, TracePlan
-from .capture import Capture, eager_attention
+from .capture import Capture, StepTaps, eager_attention
 from .errors import RecorderError
 from .structure import ModelStructure, discover_structure, input_device
 from .tokens import token_bytes
@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 _PROMPT_META_CHARS = 1 << 16
+#: Steps handed to the writer together (see Capture.collect_steps): at most this many, and at
+#: most this many bytes of the model's tensors held for them.
+_BATCH_STEPS = 8
+_BATCH_BYTES = 32 << 20
 
 #: What ``tracekit record`` captures unless told otherwise: everything but the MLP neurons,
 #: which are 4x wider than the residual stream and usually the bulk of a trace.
@@ -356,43 +360,70 @@ class Recording:
         capture = Capture(s, layers=self.plan.layers, points=self.plan.points,
                           groups=self.groups, store_dtype=self.plan.stored_dtype,
                           top_k=self.plan.top_k, attention_top_k=self.plan.attention_top_k)
+        tokenizer = self.tokenizer
+        # Steps computed and not yet handed to the writer: (taps, logits, token ids, time,
+        # first position). Handed over in small batches (see Capture.collect_steps), at
+        # most _BATCH_STEPS steps or _BATCH_BYTES of captured tensors, and whatever is left
+        # when the loop ends, by error or Ctrl-C too: every computed step is kept.
+        batch: list[tuple[StepTaps, Any, list[int], float, int]] = []
+
+        def hand_over() -> None:
+            fresh = [b for b in batch if b[4] >= writer.positions_written]
+            arrays = capture.collect_steps([(b[0], b[1]) for b in fresh])
+            for (_, _, step_ids, when, _), step_arrays in zip(fresh, arrays, strict=True):
+                writer.write_step(step_ids, token_bytes(tokenizer, step_ids), step_arrays,
+                                  step_time=when)
+            batch.clear()
+
+        step_bytes = 0
         with torch.inference_mode(), capture:
-            for step in range(max_steps):
-                n = len(new_ids)
-                capture.reset()
-                capture.total_keys = position + n
-                inputs = torch.tensor([new_ids], dtype=torch.long, device=device)
-                if s.kind == "causal":
-                    extra = {cache_arg: cache}
-                    if positions_arg:
-                        extra["cache_position"] = torch.arange(position, position + n,
-                                                               device=device)
-                    output = model(input_ids=inputs, use_cache=True, **extra)
-                    cache = _get(output, "cache", "past_key_values")
-                    if step == 0 and max_steps > 1:
-                        # The prompt ran with the model's own cache (so it is recorded exactly
-                        # as the model computes it without one); generation continues in place.
-                        moved = preallocated_cache(model, cache, len(ids) + self.max_new_tokens)
-                        if moved is not None:
-                            cache, positions_arg = moved, "cache_position" in params
-                else:
-                    output = model(input_ids=inputs)
-                logits = _get(output, "logits")
-                arrays = capture.collect(logits)
-                writer.write_step(new_ids, token_bytes(self.tokenizer, new_ids), arrays,
-                                  step_time=time.time())
-                position += n
-                if on_step is not None:
-                    on_step(StepInfo(step, position, self.plan.max_positions,
-                                     position - len(self.prompt_ids), writer.bytes_written,
-                                     time.perf_counter() - started))
-                if step == max_steps - 1 or s.kind != "causal":
-                    break
-                if new_ids[-1] in eos and step > 0:
-                    break
-                token = self.sampling.choose(logits[0, -1], generator)
-                ids.append(token)
-                new_ids = [token]
+            try:
+                for step in range(max_steps):
+                    n = len(new_ids)
+                    capture.total_keys = position + n
+                    inputs = torch.tensor([new_ids], dtype=torch.long, device=device)
+                    if s.kind == "causal":
+                        extra = {cache_arg: cache}
+                        if positions_arg:
+                            extra["cache_position"] = torch.arange(position, position + n,
+                                                                   device=device)
+                        output = model(input_ids=inputs, use_cache=True, **extra)
+                        cache = _get(output, "cache", "past_key_values")
+                        if step == 0 and max_steps > 1:
+                            # The prompt ran with the model's own cache (so it is recorded
+                            # exactly as the model computes it without one); generation
+                            # continues in place.
+                            moved = preallocated_cache(model, cache,
+                                                       len(ids) + self.max_new_tokens)
+                            if moved is not None:
+                                cache, positions_arg = moved, "cache_position" in params
+                    else:
+                        output = model(input_ids=inputs)
+                    logits = _get(output, "logits")
+                    taps = capture.take()
+                    if not batch:
+                        step_bytes = _captured_bytes(taps, logits)
+                    batch.append((taps, logits, new_ids, time.time(), position))
+                    if len(batch) >= _BATCH_STEPS or len(batch) * step_bytes >= _BATCH_BYTES:
+                        hand_over()
+                    position += n
+                    if on_step is not None:
+                        on_step(StepInfo(step, position, self.plan.max_positions,
+                                         position - len(self.prompt_ids), writer.bytes_written,
+                                         time.perf_counter() - started))
+                    if step == max_steps - 1 or s.kind != "causal":
+                        break
+                    if new_ids[-1] in eos and step > 0:
+                        break
+                    token = self.sampling.choose(logits[0, -1], generator)
+                    ids.append(token)
+                    new_ids = [token]
+                hand_over()
+            except BaseException:
+                if batch:  # steps computed before the error or Ctrl-C are kept
+                    with contextlib.suppress(Exception):
+                        hand_over()
+                raise
         return ids, step + 1
 
 
@@ -441,6 +472,12 @@ def limit_heap_fragmentation(threshold: int = 128 << 10) -> bool:
         return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def _captured_bytes(taps: StepTaps, logits: Any) -> int:
+    """Bytes of the model's tensors one step's taps hold (its logits included)."""
+    size = sum(t.nbytes for t in taps.buf.values())
+    return size + (logits.nbytes if isinstance(logits, torch.Tensor) else 0)
 
 
 def _get(output: Any, *keys: str) -> Any:
