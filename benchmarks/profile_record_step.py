@@ -3,8 +3,9 @@
 Runs, alternately in one process, the plain KV-cache loop of ``bench_record.py`` and a
 recording of the same tokens (residual, attention and MLP out, attention patterns, top-k
 predictions, to zarr), and prints per step: the main thread's CPU time of each, and of the
-recording's parts (the forward with its taps, ``collect`` and its three parts, the token
-bytes, ``write_step``), plus the CPU time of the writer's threads. Usage::
+recording's parts (the forward with its taps, ``collect_groups`` and its parts, the token
+bytes, ``write_steps``), plus the CPU time of the writer's threads. Steps are collected in
+batches (``collect_groups``): its time is spread over the steps. Usage::
 
     python benchmarks/profile_record_step.py                 # demo model, 512 tokens, 3 rounds
     python benchmarks/profile_record_step.py --tokens 256 --rounds 5 --model /path/to/model
@@ -60,11 +61,12 @@ def main() -> None:
                 spent[name] += time.thread_time() - t
         return wrapper
 
-    capture.Capture.collect = timed("collect", capture.Capture.collect)
+    capture.Capture.collect_groups = timed("collect", capture.Capture.collect_groups)
     capture.Capture._stream_vectors = timed("  stream vectors", capture.Capture._stream_vectors)
     capture.Capture._attention_arrays = timed("  attention", capture.Capture._attention_arrays)
     recording.token_bytes = timed("token bytes", recording.token_bytes)
-    writer_module.TraceWriter.write_step = timed("write_step", writer_module.TraceWriter.write_step)
+    writer_module.TraceWriter.write_steps = timed("write_steps",
+                                                  writer_module.TraceWriter.write_steps)
     model.forward = timed("forward + taps", model.forward)
 
     prompt = list(range(5, 5 + PROMPT_LEN))

@@ -385,3 +385,46 @@ def test_hdf5_root_metadata_is_sized_once_for_what_finalizing_writes(
         assert trace.status == "complete"
         assert trace.metadata["summary"]["value_ranges"]
         assert trace.metadata["run"]["prompt"] == "x" * prompt_chars
+
+
+def _batched(plan, seed: int, sizes: list[int], per_batch: int):
+    """The synthetic steps handed over ``per_batch`` at a time, as ``write_steps`` takes
+    them: every array's rows of the batch in one, attention over the last step's keys."""
+    steps = list(tracegen.iter_steps(plan, seed, sum(sizes), sizes))
+    for i in range(0, len(steps), per_batch):
+        group = steps[i:i + per_batch]
+        keys = group[-1][2]["attention"].shape[-1]
+        arrays = {}
+        for name in group[0][2]:
+            parts = [s[2][name] for s in group]
+            if name == "attention":
+                parts = [np.pad(p, [(0, 0)] * 3 + [(0, keys - p.shape[-1])]) for p in parts]
+            arrays[name] = np.concatenate(parts)
+        yield ([t for s in group for t in s[0]], [t for s in group for t in s[1]], arrays,
+               [len(s[0]) for s in group], [s[3] for s in group])
+
+
+@pytest.mark.parametrize("per_batch", [2, 5])
+def test_steps_written_together_equal_steps_written_one_by_one(tmp_path, backend_kind,
+                                                               small_plan, per_batch) -> None:
+    sizes = tracegen.step_sizes(4, small_plan.max_positions)
+    target = trace_target(tmp_path, backend_kind)
+    writer = tracegen.create_synthetic(target, small_plan, seed=4)
+    for ids, texts, arrays, positions, times in _batched(small_plan, 4, sizes, per_batch):
+        writer.write_steps(ids, texts, arrays, step_positions=positions, step_times=times)
+    writer.close()
+    expected = tracegen.expected_contents(small_plan, 4, small_plan.max_positions, sizes)
+    with tracekit.open(target) as trace:
+        tracegen.assert_trace_matches(trace, expected)
+
+
+def test_steps_written_together_must_add_up(writer, small_plan) -> None:
+    ids, texts, arrays, _ = one_step(small_plan, positions=3)
+    with pytest.raises(WriterError, match="steps of 4 positions in all for 3 token ids"):
+        writer.write_steps(ids, texts, arrays, step_positions=[1, 3])
+    with pytest.raises(WriterError, match="2 step times for 3 steps"):
+        writer.write_steps(ids, texts, arrays, step_positions=[1, 1, 1], step_times=[0, 1])
+    with pytest.raises(WriterError, match="at least one position"):
+        writer.write_steps(ids, texts, arrays, step_positions=[3, 0])
+    writer.write_steps(ids, texts, arrays, step_positions=[1, 2])  # still usable
+    assert writer.positions_written == 3

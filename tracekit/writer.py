@@ -106,11 +106,15 @@ def _to_stored(x: np.ndarray, logical: str) -> np.ndarray:
 
 
 class _Step:
-    __slots__ = ("start", "n", "index", "ids", "texts", "arrays", "time")
+    """One or more consecutive steps handed over together: ``n`` positions from ``start``,
+    steps ``index`` onwards with ``sizes`` positions each, computed at ``times``."""
 
-    def __init__(self, start, n, index, ids, texts, arrays, t):
+    __slots__ = ("start", "n", "index", "ids", "texts", "arrays", "sizes", "times")
+
+    def __init__(self, start, n, index, ids, texts, arrays, sizes, times):
         self.start, self.n, self.index = start, n, index
-        self.ids, self.texts, self.arrays, self.time = ids, texts, arrays, t
+        self.ids, self.texts, self.arrays = ids, texts, arrays
+        self.sizes, self.times = sizes, times
 
 
 class TraceWriter:
@@ -221,13 +225,34 @@ class TraceWriter:
         Arrays must not be modified after the call; the writer thread reads them later.
         Summary arrays (``residual_norm``, ...) may be passed precomputed; the rest are derived.
         """
+        n = len(token_ids)
+        self.write_steps(token_ids, token_texts, arrays, step_positions=(n,),
+                         step_times=None if step_time is None else (step_time,))
+
+    def write_steps(self, token_ids: Sequence[int] | np.ndarray,
+                    token_texts: Sequence[bytes | str], arrays: Mapping[str, np.ndarray],
+                    *, step_positions: Sequence[int],
+                    step_times: Sequence[float] | None = None) -> None:
+        """Queue several consecutive steps at once, ``step_positions[i]`` positions each: the
+        same as one :meth:`write_step` per step, with every array's rows of all of them in
+        one (attention over the last step's keys, a row's later keys 0). One call and one
+        validation for the lot, which counts when steps are one token each."""
         self._raise_if_failed()
         if self._closed:
             raise WriterError("write_step on a closed writer")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         n = len(ids)
-        if n == 0:
+        sizes = tuple(int(k) for k in step_positions)
+        if n == 0 or not sizes or min(sizes) < 1:
             raise WriterError("a step must compute at least one position")
+        if sum(sizes) != n:
+            raise WriterError(f"steps of {sum(sizes)} positions in all for {n} token ids")
+        if step_times is None:
+            times = (time.time(),) * len(sizes)
+        else:
+            times = tuple(float(t) for t in step_times)
+            if len(times) != len(sizes):
+                raise WriterError(f"{len(times)} step times for {len(sizes)} steps")
         if self._next_position + n > self.plan.max_positions:
             raise WriterError(
                 f"step would end at position {self._next_position + n}, beyond the planned "
@@ -253,10 +278,10 @@ class TraceWriter:
                 want_txt = str((n, *want))
             if not ok:
                 raise WriterError(f"array {name!r} has shape {tuple(shape)}, expected {want_txt}")
-        step = _Step(self._next_position, n, self._next_step, ids, texts, dict(arrays),
-                     time.time() if step_time is None else float(step_time))
+        step = _Step(self._next_position, n, self._next_step, ids, texts, dict(arrays), sizes,
+                     times)
         self._next_position += n
-        self._next_step += 1
+        self._next_step += len(sizes)
         self._since_cut += sum(a.nbytes for a in arrays.values())
         # Big, chunk-aligned commits write whole chunks (commit_interval 0: every step).
         cut = self._commit_interval <= 0 or (
@@ -403,7 +428,9 @@ class TraceWriter:
             chunk = raw[:width]
             tb[i, : len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         token_step = np.concatenate(
-            [np.full(s.n, s.index, dtype=np.int32) for s in steps])
+            [np.full(s.n, s.index, dtype=np.int32) if len(s.sizes) == 1 else
+             np.repeat(np.arange(s.index, s.index + len(s.sizes), dtype=np.int32), s.sizes)
+             for s in steps])
         self._write("token_id", rows, ids)
         self._write("token_bytes", rows, tb)
         self._write("token_nbytes", rows, nbytes)
@@ -435,11 +462,14 @@ class TraceWriter:
                 self._write(_RANGES[name], rows, rng)
                 self._track(name, rng)
 
-        s0, s1 = steps[0].index, steps[-1].index + 1
+        s0, s1 = steps[0].index, steps[-1].index + len(steps[-1].sizes)
         srows = (slice(s0, s1),)
-        self._write("step_start", srows, np.array([s.start for s in steps], dtype=np.int64))
-        self._write("step_positions", srows, np.array([s.n for s in steps], dtype=np.int32))
-        self._write("step_time", srows, np.array([s.time for s in steps], dtype=np.float64))
+        sizes = [k for s in steps for k in s.sizes]
+        starts = np.cumsum([start, *sizes[:-1]], dtype=np.int64)
+        self._write("step_start", srows, starts)
+        self._write("step_positions", srows, np.array(sizes, dtype=np.int32))
+        self._write("step_time", srows, np.array([t for s in steps for t in s.times],
+                                                 dtype=np.float64))
 
         # Data first, then the counter that makes it visible.
         self._backend.flush()

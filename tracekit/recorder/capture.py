@@ -2,7 +2,7 @@
 
 A tap wraps a module's forward (see :meth:`Capture._tap`) and only keeps a reference to the
 tensor it sees; :meth:`Capture.take` hands a forward pass's references over. Then
-:meth:`Capture.collect_steps` stacks each group over layers (and over a batch of steps) on the
+:meth:`Capture.collect_groups` stacks each group over layers (and over a batch of steps) on the
 device, computes the summaries (L2 norms, top-k attention), casts to the stored dtype there (a
 torch cast is much faster than numpy's) and copies each array to the host once: a few batched
 operations for several steps instead of several per layer and step. The caller holds a bounded
@@ -193,7 +193,7 @@ class Capture:
 
     def _keep(self, role: str, index: int, t: torch.Tensor | None) -> None:
         # Only a reference (not even a view: every torch call costs microseconds, at every
-        # hook of every step): all the work happens in collect_steps(), batched over layers
+        # hook of every step): all the work happens in collect_groups(), batched over layers
         # and steps. transformers does not modify activations in place (autograd would refuse it
         # in training), and the architecture tests compare every family with a fresh forward.
         if t is not None:
@@ -223,18 +223,20 @@ class Capture:
     def collect(self, logits: torch.Tensor | None) -> dict[str, np.ndarray]:
         """This step's arrays on the host (numpy; bfloat16 as its uint16 bits, the stored
         form), keyed like ``write_step``'s arrays, from what the taps hold now."""
-        return self.collect_steps([(StepTaps(self._buf, self.total_keys), logits)])[0]
+        return self.collect_groups([(StepTaps(self._buf, self.total_keys), logits)])[0][1]
 
-    def collect_steps(self, steps: Sequence[tuple[StepTaps, torch.Tensor | None]]
-                      ) -> list[dict[str, np.ndarray]]:
-        """The arrays of several steps (see :meth:`take`), one dict per step.
+    def collect_groups(self, steps: Sequence[tuple[StepTaps, torch.Tensor | None]]
+                       ) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """The arrays of several steps (see :meth:`take`), as ``(count, arrays)`` for runs of
+        ``count`` consecutive steps, keyed like ``write_steps``' arrays (every step's rows,
+        attention over the last step's keys, 0 after a row's own).
 
         Consecutive steps of the same shapes (the decode steps of a preallocated cache) are
-        gathered together: each stack, norm, top-k, cast and copy to the host runs once for
-        all of them. On a CPU a step of a small model is a few milliseconds and every torch
-        call costs microseconds (tens, just after a forward pass has run); on a GPU each copy
-        to the host is a synchronisation. The results equal step-by-step collection."""
-        results: list[dict[str, np.ndarray]] = []
+        one run: each stack, norm, top-k, cast and copy to the host runs once for all of
+        them. On a CPU a step of a small model is a few milliseconds and every torch call
+        costs microseconds (tens, just after a forward pass has run); on a GPU each copy to
+        the host is a synchronisation. The values equal step-by-step collection."""
+        groups: list[tuple[int, dict[str, np.ndarray]]] = []
         keys = [_batch_key(taps, logits) for taps, logits in steps]
         i = 0
         while i < len(steps):
@@ -242,12 +244,12 @@ class Capture:
             if keys[i] is not None:
                 while j < len(steps) and keys[j] == keys[i]:
                     j += 1
-            results.extend(self._collect_group(steps[i:j]))
+            groups.append((j - i, self._collect_group(steps[i:j])))
             i = j
-        return results
+        return groups
 
     def _collect_group(self, steps: Sequence[tuple[StepTaps, torch.Tensor | None]]
-                       ) -> list[dict[str, np.ndarray]]:
+                       ) -> dict[str, np.ndarray]:
         bufs = [taps.buf for taps, _ in steps]
         totals = [taps.total_keys for taps, _ in steps]
         groups = self.groups
@@ -276,17 +278,7 @@ class Capture:
         if "logit_lens" in groups:
             lens_ids, lens_lp = self._lens(residual, top)
             out["lens_ids"], out["lens_logprobs"] = lens_ids.numpy(), lens_lp.numpy()
-        if len(steps) == 1:
-            return [out]
-        n = next(iter(out.values())).shape[0] // len(steps)  # positions per step
-        per_step = []
-        for i, total in enumerate(totals):
-            rows = slice(i * n, (i + 1) * n)
-            arrays = {name: a[rows] for name, a in out.items()}
-            if "attention" in arrays:  # the keys this step's queries saw; the rest are 0
-                arrays["attention"] = np.ascontiguousarray(arrays["attention"][..., :total])
-            per_step.append(arrays)
-        return per_step
+        return out
 
     def _rows(self, bufs: list[dict], wanted: list[tuple[str, int]]) -> torch.Tensor:
         """The captured tensors ``wanted`` of every step in ``bufs`` as [position, key, d]:

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 _PROMPT_META_CHARS = 1 << 16
-#: Steps handed to the writer together (see Capture.collect_steps): at most this many, and at
+#: Steps handed to the writer together (see Capture.collect_groups): at most this many, and at
 #: most this many bytes of the model's tensors held for them.
 _BATCH_STEPS = 8
 _BATCH_BYTES = 32 << 20
@@ -362,17 +362,20 @@ class Recording:
                           top_k=self.plan.top_k, attention_top_k=self.plan.attention_top_k)
         tokenizer = self.tokenizer
         # Steps computed and not yet handed to the writer: (taps, logits, token ids, time,
-        # first position). Handed over in small batches (see Capture.collect_steps), at
+        # first position). Handed over in small batches (see Capture.collect_groups), at
         # most _BATCH_STEPS steps or _BATCH_BYTES of captured tensors, and whatever is left
         # when the loop ends, by error or Ctrl-C too: every computed step is kept.
         batch: list[tuple[StepTaps, Any, list[int], float, int]] = []
 
         def hand_over() -> None:
             fresh = [b for b in batch if b[4] >= writer.positions_written]
-            arrays = capture.collect_steps([(b[0], b[1]) for b in fresh])
-            for (_, _, step_ids, when, _), step_arrays in zip(fresh, arrays, strict=True):
-                writer.write_step(step_ids, token_bytes(tokenizer, step_ids), step_arrays,
-                                  step_time=when)
+            at = 0
+            for count, arrays in capture.collect_groups([(b[0], b[1]) for b in fresh]):
+                group, at = fresh[at:at + count], at + count
+                group_ids = [i for b in group for i in b[2]]
+                writer.write_steps(group_ids, token_bytes(tokenizer, group_ids), arrays,
+                                   step_positions=[len(b[2]) for b in group],
+                                   step_times=[b[3] for b in group])
             batch.clear()
 
         step_bytes = 0
