@@ -412,3 +412,28 @@ def test_steps_collected_together_equal_steps_collected_alone(family: str, tmp_p
             assert np.array_equal(one[name][:], four[name][:]), name
     for t in traces.values():
         t.close()
+
+
+@pytest.mark.parametrize(("steps", "budget", "handovers"),
+                         [(8, 32 << 20, [[6], [1] * 7, [1] * 3]),  # prompt, then 8 at a time
+                          (8, 1, [[6]] + [[1]] * 10)])  # each step over the byte budget
+def test_steps_are_held_back_only_a_bounded_while(tmp_path: Path, monkeypatch, steps: int,
+                                                  budget: int, handovers) -> None:
+    """Memory stays flat: the recorder holds at most _BATCH_STEPS steps, or fewer when their
+    tensors pass _BATCH_BYTES, before handing them to the writer."""
+    from tracekit.recorder import recording
+    from tracekit.writer import TraceWriter
+
+    monkeypatch.setattr(recording, "_BATCH_STEPS", steps)
+    monkeypatch.setattr(recording, "_BATCH_BYTES", budget)
+    calls = []
+    real = TraceWriter.write_steps
+
+    def spy(self, *args, step_positions, **kwargs):
+        calls.append(list(step_positions))
+        return real(self, *args, step_positions=step_positions, **kwargs)
+
+    monkeypatch.setattr(TraceWriter, "write_steps", spy)
+    record(tiny_model("gpt2"), None, input_ids=PROMPT, out=tmp_path / "t.zarr",
+           max_new_tokens=10, stop_at_eos=False)
+    assert calls == handovers
