@@ -21,6 +21,7 @@ warmed up. Usage::
 
     python benchmarks/bench_record.py                      # demo model + 12L d768 GPT-2
     python benchmarks/bench_record.py --lengths 256 --models gpt2-768 --tl-python /path/python
+    python benchmarks/bench_record.py --models demo --repeat 5 --alternate 9   # small models
 
 Timings on a shared 2-core machine are noisy; run twice and look at the ratios. Each run uses
 ``--threads`` torch threads (default 1: on a loaded 2-core machine two OpenMP threads spin on a
@@ -146,7 +147,46 @@ def worker(job: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         return {"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": _peak_mb(),
                 "ids": result.token_ids, "disk_mb": size / 1e6}
+    if job["kind"] == "alternate":
+        return alternate(model, job)
     raise ValueError(job["kind"])
+
+
+def alternate(model, job: dict) -> dict:
+    """The plain loop and each recording variant in turn, ``rounds`` times, in this one
+    process: the median of each round's variant / plain, in wall time. Separate processes
+    (the other columns) also differ by where each lands in memory and on the machine; on a
+    small model that noise is as large as the overhead itself."""
+    import statistics
+
+    from tracekit.recorder import Recording, discover_structure
+
+    structure = discover_structure(model)
+    out = Path(job["out"])
+    ids, prompt = job["ids"], job["prompt"]
+
+    def record(capture: list[str], n: int) -> float:
+        rec = Recording(model, None, input_ids=prompt, max_new_tokens=n - len(prompt),
+                        stop_at_eos=False, capture=capture, structure=structure)
+        t0 = time.perf_counter()
+        rec.run(out, overwrite=True)
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(out, ignore_errors=True)
+        return seconds
+
+    _plain_loop(model, ids[: PROMPT_LEN + 4])
+    for variant in job["variants"]:
+        record(CAPTURES[variant], len(prompt) + 4)
+    ratios: dict[str, list[float]] = {v: [] for v in job["variants"]}
+    for _ in range(job["rounds"]):
+        os.sync()
+        t0 = time.perf_counter()
+        _plain_loop(model, ids)
+        plain = time.perf_counter() - t0
+        for variant in job["variants"]:
+            os.sync()
+            ratios[variant].append(record(CAPTURES[variant], len(ids)) / plain)
+    return {v: statistics.median(r) for v, r in ratios.items()}
 
 
 TL_WORKER = r'''
@@ -278,6 +318,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds: each runs every measurement once, interleaved; ratios are "
                          "the median of the rounds' ratios, seconds the fastest run's")
+    ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                    help="also alternate the plain loop and each variant ROUNDS times in one "
+                         "process, and print those medians (less noisy on small models)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a shared machine, OpenMP threads that "
                          "wait for a descheduled sibling make 2 threads ~9x slower than 1)")
@@ -343,6 +386,12 @@ def main() -> None:
             for kind, done in runs.items():
                 if done:
                     row[kind] = fastest(done)
+            if args.alternate:
+                print(f"{name} {n}: alternating in one process ({args.alternate} rounds)",
+                      file=sys.stderr, flush=True)
+                row["alternate"] = run_worker({**job, "kind": "alternate", "ids": first["ids"],
+                                               "variants": variants,
+                                               "rounds": args.alternate})
             # Ratios pair each run with the baseline of the same round (adjacent in time, so
             # a machine whose speed drifts between rounds slows both alike), median of rounds.
             for kind in runs:
@@ -384,6 +433,9 @@ def _ratio(a: dict, b: dict) -> str:
 def print_table(rows: list[dict], variants: list[str], tl_python: str | None) -> None:
     labels = {"core": "core", "lens": "+ lens", "all": "all"}
     head = ["model", "tokens", "plain s"] + [f"{labels[v]} / plain" for v in variants]
+    alternated = any("alternate" in r for r in rows)
+    if alternated:
+        head += [f"{labels[v]} / plain, one process" for v in variants]
     head += ["TL s (gen + cache&save)", "TL / core", "RSS growth MB plain / core / TL",
              "core trace MB"]
     print("| " + " | ".join(head) + " |")
@@ -392,6 +444,9 @@ def print_table(rows: list[dict], variants: list[str], tl_python: str | None) ->
         plain, core, tl = r.get("plain", {}), r.get(variants[0], {}), r.get("tl", {})
         cells = [r["model"], str(r["tokens"]), _fmt(plain.get("seconds"))]
         cells += [_ratio(r.get(v, {}), plain) for v in variants]
+        if alternated:
+            alt = r.get("alternate", {})
+            cells += ["-" if alt.get(v) is None else f"{alt[v]:.2f}x" for v in variants]
         if tl.get("seconds"):
             cells.append(f"{tl['seconds']:.2f} ({tl['gen_seconds']:.2f} + "
                          f"{tl['cache_seconds']:.2f})")
