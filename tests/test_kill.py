@@ -221,6 +221,53 @@ def test_hdf5_metadata_rewrites_never_straddle_a_page(tmp_path) -> None:
     assert straddling == [], f"metadata writes across a page boundary: {straddling}"
 
 
+@needs_strace
+def test_hdf5_superblock_never_points_past_the_end_of_the_file(tmp_path) -> None:
+    """Whenever HDF5 writes its superblock into the trace, the file is already at least as
+    long as the end-of-file address the superblock holds: a SIGKILL right after that write
+    leaves a file HDF5 opens (it refuses one shorter than its superblock says). Without
+    _cover_allocated two of them pointed past the end, as a random kill in CI once found."""
+    import re
+    log = tmp_path / "sizes.log"
+    path = tmp_path / "t.h5"
+    done = _record_under(tmp_path, path, "strace", "-f", "-qq", "-xx", "-s", "48", "-e",
+                         "trace=openat,close,pwrite64,ftruncate,fallocate,rename,renameat,"
+                         "renameat2", "-o", str(log))
+    assert done.returncode == 0, done.stderr
+    assert check_after_kill(path, 7) == "complete"
+    fds: set[str] = set()
+    size, superblocks, past_end, renamed = 0, 0, [], False
+    for line in log.read_text().splitlines():
+        if re.search(r"\brename(at2?)?\(", line):
+            renamed = True  # before, a kill leaves only the temporary file: no trace
+        elif m := re.search(r'openat\(AT_FDCWD, "([^"]*)", ([^,)]*).*\)\s+= (\d+)', line):
+            if path.name in bytes.fromhex(m[1].replace("\\x", "")).decode():  # or .partial
+                fds.add(m[3])
+                if "O_TRUNC" in m[2]:
+                    size = 0
+        elif m := re.search(r"\bclose\((\d+)\)\s+= 0", line):
+            fds.discard(m[1])
+        elif m := re.search(r"ftruncate\((\d+), (\d+)\)\s+= 0", line):
+            if m[1] in fds:
+                size = int(m[2])
+        elif m := re.search(r"fallocate\((\d+), 0, (\d+), (\d+)\)\s+= 0", line):
+            if m[1] in fds:
+                size = max(size, int(m[2]) + int(m[3]))
+        elif m := re.search(r'pwrite64\((\d+), "([^"]*)"\.*, (\d+), (\d+)\)\s+= \d+', line):
+            if m[1] not in fds:
+                continue
+            data = bytes.fromhex(m[2].replace("\\x", ""))
+            length, offset = int(m[3]), int(m[4])
+            size = max(size, offset + length)
+            if renamed and offset == 0 and data[:4] == b"\x89HDF" and len(data) >= 36:
+                superblocks += 1
+                eof = int.from_bytes(data[28:36], "little")
+                if eof > size:
+                    past_end.append((eof, size))
+    assert superblocks >= 3, superblocks  # one per flush that moved the end, and the close
+    assert past_end == [], f"superblock end-of-file address past the file's end: {past_end}"
+
+
 @pytest.mark.slow
 @needs_strace
 def test_hdf5_sigkill_before_every_write(tmp_path) -> None:
