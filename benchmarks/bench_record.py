@@ -394,7 +394,7 @@ def main() -> None:
                                                "rounds": args.alternate})
             # Ratios pair each run with the baseline of the same round (adjacent in time, so
             # a machine whose speed drifts between rounds slows both alike), median of rounds.
-            for kind in runs:
+            for kind in (k for k in runs if k != "plain"):
                 base = "plain" if kind != "tl" else variants[0]
                 if kind in row and base in row:
                     row[kind]["paired"] = paired_ratios(runs[kind], runs[base])

@@ -225,7 +225,7 @@ class TraceWriter:
         Arrays must not be modified after the call; the writer thread reads them later.
         Summary arrays (``residual_norm``, ...) may be passed precomputed; the rest are derived.
         """
-        n = len(token_ids)
+        n = int(np.size(token_ids))  # as write_steps counts them (flattened)
         self.write_steps(token_ids, token_texts, arrays, step_positions=(n,),
                          step_times=None if step_time is None else (step_time,))
 

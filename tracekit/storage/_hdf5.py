@@ -472,10 +472,13 @@ class HDF5Backend(Backend):
         ahead (``posix_fallocate``) ran steadily at 0.9-1.2x of a plain append here, against
         0.3-0.9x for appends that grow the file. HDF5 ignores bytes past its end-of-file
         address; closing the writer cuts them off (see :meth:`close`), a killed writer leaves
-        them (zeros, at most ``RESERVE_BYTES``)."""
+        them (zeros, at most ``RESERVE_BYTES``). HDF5's own flushes truncate the file back to
+        its allocated end (seen with strace), and ``_allocated`` does not follow that, so after
+        the first commit little stays allocated ahead; :meth:`_cover_allocated` is what keeps
+        the file longer than HDF5's superblock says."""
         if self._ahead_fd is None or not self._can_allocate:
             return
-        used = self._f.id.get_filesize()  # HDF5's end of allocated space, not the file's size
+        used = self._f.id.get_filesize()  # HDF5's allocated end (or its idea of the file's)
         if self._allocated - used >= RESERVE_BYTES // 2:
             return
         start = max(self._allocated, used)
