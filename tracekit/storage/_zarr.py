@@ -461,9 +461,10 @@ class ZarrBackend(Backend):
     #: Chunk key separator of the arrays this backend creates (readers follow each array's).
     chunk_separator = "."
 
-    def __init__(self, path: Path, group: zarr.Group, final_path: Path | None = None) -> None:
+    def __init__(self, path: Path, store: zarr.storage.LocalStore,
+                 final_path: Path | None = None) -> None:
         self.path = path
-        self._group = group
+        self._store = store
         self._final_path = final_path  # set while writing under a temporary name
         # Arrays this backend created: handed out again by get_array instead of re-reading
         # and re-checking the zarr.json it has just written (the writer opens every array
@@ -477,8 +478,10 @@ class ZarrBackend(Backend):
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        group = zarr.open_group(store=zarr.storage.LocalStore(str(tmp)), mode="w")
-        return cls(tmp, group, final_path=path)
+        # The folder only: the group's zarr.json is write_root_meta's (zarr-python's
+        # open_group would write one first, and its event loop costs milliseconds).
+        tmp.mkdir(parents=True)
+        return cls(tmp, zarr.storage.LocalStore(str(tmp)), final_path=path)
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> ZarrBackend:
@@ -496,11 +499,14 @@ class ZarrBackend(Backend):
                                     use_consolidated=False)
         except Exception as exc:  # zarr raises many types for malformed groups
             raise NotATraceError(f"{path}: cannot open as zarr group ({exc})") from exc
-        return cls(path, group)
+        return cls(path, group.store)
 
     # -- metadata ---------------------------------------------------------------------------
     def read_root_meta(self) -> dict[str, Any]:
-        root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+        try:
+            root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+        except MissingArrayError as exc:  # created, and no metadata written yet
+            raise NotATraceError(f"{self.path}: no zarr.json") from exc
         meta = root.get("attributes", {}).get(ROOT_KEY)
         if not isinstance(meta, dict):
             raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata object")
@@ -519,7 +525,7 @@ class ZarrBackend(Backend):
         folder = self.path / name  # type: ignore[operator]
         folder.mkdir()
         _write_json(folder / "zarr.json", meta)
-        arr = ZarrArray(name, folder, meta, self._group.store, writable=True)
+        arr = ZarrArray(name, folder, meta, self._store, writable=True)
         self._created[name] = arr
         return arr
 
@@ -555,8 +561,8 @@ class ZarrBackend(Backend):
                 or len(grid) != len(shape)
                 or not all(isinstance(c, int) and c >= 1 for c in grid)):
             raise CorruptTraceError(f"array {name!r}: malformed chunk grid {grid!r}")
-        return ZarrArray(name, self.path / name, meta, self._group.store,  # type: ignore[operator]
-                         writable=not self._group.read_only)
+        return ZarrArray(name, self.path / name, meta, self._store,  # type: ignore[operator]
+                         writable=not self._store.read_only)
 
     def metadata_problems(self) -> list[str]:
         """tracekit reads each array's own zarr.json; xarray and zarr read the consolidated
@@ -595,15 +601,18 @@ class ZarrBackend(Backend):
         os.rename(self.path, self._final_path)  # type: ignore[arg-type]
         self.path = self._final_path
         self._final_path = None
-        self._group = zarr.open_group(store=zarr.storage.LocalStore(str(self.path)), mode="r+")
+        self._store = zarr.storage.LocalStore(str(self.path))
         for name, arr in self._created.items():
-            arr.relocate(self.path / name, self._group.store)
+            arr.relocate(self.path / name, self._store)
 
     def seal(self) -> None:
         """Consolidate metadata (every array's zarr.json inlined in the group's, zarr-python's
         ``consolidated_metadata`` layout), so xarray/zarr open the finished trace in one read."""
-        arrays = {name: _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
-                  for name in self.array_names()}
+        arrays = {}
+        for name in self.array_names():
+            made = self._created.get(name)  # its zarr.json is what this backend last wrote
+            arrays[name] = made._meta if made is not None else _read_json(
+                self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
         _write_json(self.path / "zarr.json",  # type: ignore[operator]
                     _group_document(self.read_root_meta(), arrays))
 
