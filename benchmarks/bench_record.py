@@ -1,4 +1,4 @@
-"""Benchmark of ``tracekit record`` on the CPU: overhead, memory, and a peer.
+"""Benchmark of ``tracekit record``: overhead, memory, and a peer (CPU by default, or a GPU).
 
 For each model and sequence length, every measurement runs in a fresh subprocess (so peak RSS is
 its own), on the same tokens, with the same (eager) attention:
@@ -16,12 +16,18 @@ its own), on the same tokens, with the same (eager) attention:
 
 Ratios are against the plain loop measured in the same run: each round runs every measurement
 once, and a ratio is the median over rounds of a run's time over the baseline's of the same round
-(seconds are the fastest run's); "growth" is peak RSS minus RSS after the model was loaded and
-warmed up. Usage::
+(with 4 rounds or more, the quartiles of those ratios follow in brackets); seconds are the
+fastest run's; "growth" is peak RSS minus RSS after the model was loaded and warmed up (on a
+GPU, also peak GPU memory allocated minus what the loaded model held). Usage::
 
     python benchmarks/bench_record.py                      # demo model + 12L d768 GPT-2
     python benchmarks/bench_record.py --lengths 256 --models gpt2-768 --tl-python /path/python
     python benchmarks/bench_record.py --models demo --repeat 5 --alternate 9   # small models
+    python benchmarks/bench_record.py --device cuda --dtype bfloat16 --models gpt2-48x1600 \
+        --variants core,lens --repeat 3                    # a GPT-2 XL-shaped model on a GPU
+
+Models: ``demo`` (the embedded model), ``gpt2-768`` (GPT-2 small's shape) or ``gpt2-LxD``
+(L layers of width D, heads of 64), random-initialised and saved once under ``--workdir``.
 
 Timings on a shared 2-core machine are noisy; run twice and look at the ratios. Each run uses
 ``--threads`` torch threads (default 1: on a loaded 2-core machine two OpenMP threads spin on a
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -40,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 PROMPT_LEN = 16
@@ -61,6 +69,28 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _gpu_reset_peak(model) -> float | None:
+    """On a GPU: reset its peak-memory counter and return the memory allocated now (MB)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def _gpu_growth(model, base: float | None) -> dict:
+    """On a GPU: peak GPU memory allocated since :func:`_gpu_reset_peak`, minus ``base``."""
+    import torch
+
+    if base is None:
+        return {}
+    device = next(model.parameters()).device
+    return {"gpu_growth_mb": torch.cuda.max_memory_allocated(device) / 2**20 - base}
+
+
 def _reset_peak() -> None:
     """Reset the kernel's RSS high-water mark, so the peak covers only what follows."""
     try:
@@ -78,14 +108,23 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _load(model_dir: str):
+def _load(model_dir: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-    return model
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                 attn_implementation="eager")
+    return model.to(device).eval()
+
+
+def _sync(model) -> None:
+    """Wait for the GPU's queued work, so a timer read after it counts all of it."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _plain_loop(model, ids: list[int]) -> None:
@@ -95,15 +134,18 @@ def _plain_loop(model, ids: list[int]) -> None:
 
     from tracekit.recorder.recording import preallocated_cache
 
+    dev = next(model.parameters()).device
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids[:PROMPT_LEN]]), use_cache=True)
+        out = model(input_ids=torch.tensor([ids[:PROMPT_LEN]], device=dev), use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
         int(out.logits[0, -1].argmax())
         static = preallocated_cache(model, cache, len(ids))
         cache = static if static is not None else cache
         for i, tok in enumerate(ids[PROMPT_LEN:]):
-            extra = {} if static is None else {"cache_position": torch.tensor([PROMPT_LEN + i])}
-            out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True, **extra)
+            extra = {} if static is None else {
+                "cache_position": torch.tensor([PROMPT_LEN + i], device=dev)}
+            out = model(input_ids=torch.tensor([[tok]], device=dev), cache=cache,
+                        use_cache=True, **extra)
             cache = out.cache
             int(out.logits[0, -1].argmax())
 
@@ -115,38 +157,44 @@ def worker(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     limit_heap_fragmentation()  # as ``tracekit record`` does; for plain runs too, to be fair
-    model = _load(job["model_dir"])
+    model = _load(job["model_dir"], job.get("device", "cpu"), job.get("dtype", "float32"))
     n = job["length"]
+    store = job.get("store_dtype", "float16")
     prompt = job["prompt"]
     if job["kind"] == "plain":
         ids = job["ids"]
         _plain_loop(model, ids[: PROMPT_LEN + 4])  # warm up
-        base = _rss_mb()
+        base, gpu_base = _rss_mb(), _gpu_reset_peak(model)
         _reset_peak()
         t0, c0 = time.perf_counter(), _cpu()
         _plain_loop(model, ids)
+        _sync(model)
         seconds, cpu = time.perf_counter() - t0, _cpu() - c0
-        return {"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": _peak_mb()}
+        return {"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": _peak_mb(),
+                **_gpu_growth(model, gpu_base)}
     if job["kind"] == "record":
         from tracekit.recorder import Recording, discover_structure
 
         structure = discover_structure(model)
         out = Path(job["out"])
         warm = Recording(model, None, input_ids=prompt, max_new_tokens=4, stop_at_eos=False,
-                         capture=job["capture"], structure=structure)
+                         capture=job["capture"], structure=structure, store_dtype=store)
         warm.run(out, overwrite=True)
         shutil.rmtree(out, ignore_errors=True)
-        base = _rss_mb()
+        base, gpu_base = _rss_mb(), _gpu_reset_peak(model)
         _reset_peak()
         rec = Recording(model, None, input_ids=prompt, max_new_tokens=n - len(prompt),
-                        stop_at_eos=False, capture=job["capture"], structure=structure)
+                        stop_at_eos=False, capture=job["capture"], structure=structure,
+                        store_dtype=store)
         t0, c0 = time.perf_counter(), _cpu()
         result = rec.run(out, overwrite=True)
+        _sync(model)
         seconds, cpu = time.perf_counter() - t0, _cpu() - c0
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         shutil.rmtree(out, ignore_errors=True)
         return {"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": _peak_mb(),
-                "ids": result.token_ids, "disk_mb": size / 1e6}
+                "ids": result.token_ids, "disk_mb": size / 1e6,
+                **_gpu_growth(model, gpu_base)}
     if job["kind"] == "alternate":
         return alternate(model, job)
     raise ValueError(job["kind"])
@@ -167,9 +215,11 @@ def alternate(model, job: dict) -> dict:
 
     def record(capture: list[str], n: int) -> float:
         rec = Recording(model, None, input_ids=prompt, max_new_tokens=n - len(prompt),
-                        stop_at_eos=False, capture=capture, structure=structure)
+                        stop_at_eos=False, capture=capture, structure=structure,
+                        store_dtype=job.get("store_dtype", "float16"))
         t0 = time.perf_counter()
         rec.run(out, overwrite=True)
+        _sync(model)
         seconds = time.perf_counter() - t0
         shutil.rmtree(out, ignore_errors=True)
         return seconds
@@ -182,11 +232,15 @@ def alternate(model, job: dict) -> dict:
         os.sync()
         t0 = time.perf_counter()
         _plain_loop(model, ids)
+        _sync(model)
         plain = time.perf_counter() - t0
         for variant in job["variants"]:
             os.sync()
             ratios[variant].append(record(CAPTURES[variant], len(ids)) / plain)
-    return {v: statistics.median(r) for v, r in ratios.items()}
+    out: dict[str, Any] = {v: statistics.median(r) for v, r in ratios.items()}
+    if job["rounds"] >= 4:
+        out["spread"] = {v: statistics.quantiles(r, n=4)[::2] for v, r in ratios.items()}
+    return out
 
 
 TL_WORKER = r'''
@@ -205,9 +259,13 @@ def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 from transformer_lens.model_bridge import TransformerBridge
-bridge = TransformerBridge.boot_transformers(job["model_dir"], device="cpu",
-                                             dtype=torch.float32)
-tokens = torch.tensor([job["ids"]])
+device = job.get("device", "cpu")
+bridge = TransformerBridge.boot_transformers(job["model_dir"], device=device,
+                                             dtype=getattr(torch, job.get("dtype", "float32")))
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+tokens = torch.tensor([job["ids"]], device=device)
 prompt = tokens[:, :job["prompt_len"]]
 n_layers = bridge.cfg.n_layers
 names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
@@ -226,10 +284,11 @@ t0, c0 = time.perf_counter(), cpu()
 with torch.inference_mode():
     bridge.generate(prompt, max_new_tokens=tokens.shape[1] - prompt.shape[1], do_sample=False,
                     stop_at_eos=False, use_past_kv_cache=True, verbose=False)
+sync()
 t1, c1 = time.perf_counter(), cpu()
 with torch.inference_mode():
     logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-arrays = {k.replace(".", "_"): v[0].to(torch.float16).numpy() for k, v in cache.items()}
+arrays = {k.replace(".", "_"): v[0].to(torch.float16).cpu().numpy() for k, v in cache.items()}
 missing = [n for n in names if n not in cache]
 np.savez(job["out"], **arrays)
 t2, c2 = time.perf_counter(), cpu()
@@ -257,16 +316,20 @@ def fastest(runs: list[dict]) -> dict:
     return best
 
 
-def paired_ratios(runs: list[dict], base: list[dict]) -> dict[str, float]:
-    """Median over rounds of run / baseline of the same round, for wall and CPU time."""
+def paired_ratios(runs: list[dict], base: list[dict]) -> dict[str, Any]:
+    """Median over rounds of run / baseline of the same round, for wall and CPU time, and the
+    quartiles of the wall-time ratios (``spread``) when there are 4 rounds or more."""
     import statistics
 
-    out = {}
+    out: dict[str, Any] = {}
     for key in ("seconds", "cpu"):
         ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=False)
                   if r.get(key) and b.get(key)]
         if ratios:
             out[key] = statistics.median(ratios)
+        if key == "seconds" and len(ratios) >= 4:
+            q = statistics.quantiles(ratios, n=4)
+            out["spread"] = (q[0], q[2])
     return out
 
 
@@ -283,16 +346,28 @@ def run_worker(job: dict, python: str = sys.executable) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def make_gpt2_768(folder: Path) -> Path:
+def gpt2_shape(name: str) -> tuple[int, int] | None:
+    """(layers, width) of a random GPT-2 model name: ``gpt2-768`` is GPT-2 small's shape
+    (12 layers, d_model 768), ``gpt2-LxD`` any other (``gpt2-48x1600``: GPT-2 XL's)."""
+    if name == "gpt2-768":
+        return 12, 768
+    m = re.fullmatch(r"gpt2-(\d+)x(\d+)", name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def make_gpt2(folder: Path, layers: int, width: int, dtype: str = "float32") -> Path:
+    """A random-initialised GPT-2-shaped model (50257-token vocabulary, heads of 64), saved
+    once in ``dtype``."""
     if (folder / "config.json").is_file():
         return folder
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257,
-                        bos_token_id=50256, eos_token_id=50256)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    config = GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64),
+                        n_positions=1024, vocab_size=50257, bos_token_id=50256,
+                        eos_token_id=50256)
+    GPT2LMHeadModel(config).to(getattr(torch, dtype)).save_pretrained(folder)
     return folder
 
 
@@ -321,6 +396,12 @@ def main() -> None:
     ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
                     help="also alternate the plain loop and each variant ROUNDS times in one "
                          "process, and print those medians (less noisy on small models)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the model runs: cpu or cuda (on a GPU, GPU memory growth is "
+                         "reported too)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="the model's dtype; the trace stores float16, or bfloat16 for a "
+                         "bfloat16 model (as tracekit record does)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a shared machine, OpenMP threads that "
                          "wait for a descheduled sibling make 2 threads ~9x slower than 1)")
@@ -333,6 +414,11 @@ def main() -> None:
 
     from tracekit.demo import demo_model_path
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: torch sees no CUDA device here")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tracekit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     tl_python = find_tl_python(args.tl_python)
@@ -344,8 +430,10 @@ def main() -> None:
             if not (folder / "config.json").is_file():
                 print("demo model not built yet: skipped", file=sys.stderr)
                 continue
+        elif (shape := gpt2_shape(name)) is not None:
+            folder = make_gpt2(work / f"{name}-{args.dtype}", *shape, dtype=args.dtype)
         else:
-            folder = make_gpt2_768(work / "gpt2-768")
+            sys.exit(f"unknown model {name!r}: demo, gpt2-768 or gpt2-LAYERSxWIDTH")
         config = json.loads((folder / "config.json").read_text())
         context = config.get("n_positions") or config.get("max_position_embeddings") or 1024
         prompt = np.random.default_rng(0).integers(100, config["vocab_size"],
@@ -353,7 +441,9 @@ def main() -> None:
         for length in (int(x) for x in args.lengths.split(",")):
             n = min(length, context)
             job = {"model_dir": str(folder), "length": n, "prompt": prompt,
-                   "threads": args.threads, "out": str(work / "trace.zarr")}
+                   "threads": args.threads, "out": str(work / "trace.zarr"),
+                   "device": args.device, "dtype": args.dtype,
+                   "store_dtype": "bfloat16" if args.dtype == "bfloat16" else "float16"}
             row: dict = {"model": name, "tokens": n}
             # The first recording gives the tokens every other run is fed. Then the runs are
             # interleaved (plain, recordings, TL; again), so that a machine that drifts
@@ -400,6 +490,7 @@ def main() -> None:
                     row[kind]["paired"] = paired_ratios(runs[kind], runs[base])
             rows.append(row)
     print_table(rows, variants, tl_python)
+    print(f"model dtype {args.dtype} on {args.device}, {args.threads} torch thread(s)")
 
 
 #: residual, attn_out, mlp_out, attention, predictions: what ``tracekit record`` captures by
@@ -420,14 +511,17 @@ def _ratio(a: dict, b: dict) -> str:
     """``wall (cpu)`` ratio of a over b: the median of the rounds' paired ratios where there
     are some, else of the fastest runs."""
     paired = a.get("paired") or {}
+    spread = ""
     if paired.get("seconds"):
         wall, cpu = paired["seconds"], paired.get("cpu")
+        if paired.get("spread"):
+            spread = " [{:.2f}-{:.2f}]".format(*paired["spread"])
     elif a.get("seconds") and b.get("seconds"):
         wall = a["seconds"] / b["seconds"]
         cpu = a["cpu"] / b["cpu"] if a.get("cpu") and b.get("cpu") else None
     else:
         return "-"
-    return f"{wall:.2f}x" + (f" ({cpu:.2f})" if cpu else "")
+    return f"{wall:.2f}x" + (f" ({cpu:.2f})" if cpu else "") + spread
 
 
 def print_table(rows: list[dict], variants: list[str], tl_python: str | None) -> None:
@@ -438,6 +532,9 @@ def print_table(rows: list[dict], variants: list[str], tl_python: str | None) ->
         head += [f"{labels[v]} / plain, one process" for v in variants]
     head += ["TL s (gen + cache&save)", "TL / core", "RSS growth MB plain / core / TL",
              "core trace MB"]
+    on_gpu = any("gpu_growth_mb" in r.get("plain", {}) for r in rows)
+    if on_gpu:
+        head.append("GPU memory growth MB plain / core")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
@@ -446,7 +543,10 @@ def print_table(rows: list[dict], variants: list[str], tl_python: str | None) ->
         cells += [_ratio(r.get(v, {}), plain) for v in variants]
         if alternated:
             alt = r.get("alternate", {})
-            cells += ["-" if alt.get(v) is None else f"{alt[v]:.2f}x" for v in variants]
+            spread = alt.get("spread", {})
+            cells += ["-" if alt.get(v) is None else f"{alt[v]:.2f}x" + (
+                " [{:.2f}-{:.2f}]".format(*spread[v]) if v in spread else "")
+                for v in variants]
         if tl.get("seconds"):
             cells.append(f"{tl['seconds']:.2f} ({tl['gen_seconds']:.2f} + "
                          f"{tl['cache_seconds']:.2f})")
@@ -457,6 +557,8 @@ def print_table(rows: list[dict], variants: list[str], tl_python: str | None) ->
                   for d in (plain, core, tl)]
         cells.append(" / ".join(_fmt(g, ".0f") for g in growth))
         cells.append(_fmt(core.get("disk_mb"), ".1f"))
+        if on_gpu:
+            cells.append(" / ".join(_fmt(d.get("gpu_growth_mb"), ".0f") for d in (plain, core)))
         print("| " + " | ".join(cells) + " |")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"ratios: wall time (CPU time of all threads in parentheses); {os.cpu_count()} cores, "
