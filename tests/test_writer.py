@@ -201,6 +201,16 @@ def test_existing_file_of_another_kind_is_refused(tmp_path, disk_kind, small_pla
     assert target.read_text() == "my notes"
 
 
+def test_unwritable_destination_names_the_path_asked_for(tmp_path, disk_kind, small_plan):
+    """A destination that cannot be created is a WriterError naming the user's path (not the
+    temporary name the trace is laid out under), and leaves nothing behind."""
+    (tmp_path / "notes").write_text("a file, not a folder")
+    target = trace_target(tmp_path / "notes", disk_kind)
+    with pytest.raises(WriterError, match=f"cannot create {target}: Not a directory"):
+        tracekit.create(target, small_plan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 # -- Ctrl-C ---------------------------------------------------------------------------------
 def test_ctrl_c_inside_create_leaves_an_aborted_trace(tmp_path, backend_kind, small_plan):
     target = trace_target(tmp_path, backend_kind)

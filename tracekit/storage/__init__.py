@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NotATraceError, TraceError
+from ..errors import NotATraceError, TraceError, WriterError
 
 #: Stored (physical) dtypes any backend may hold. Everything else is refused on open.
 ALLOWED_DTYPES = frozenset(
@@ -166,15 +166,20 @@ def format_from_suffix(path: str | os.PathLike[str], default: str = "zarr") -> s
 
 
 def create_backend(path: str | os.PathLike[str] | None, fmt: str) -> Backend:
-    """A new, empty, writable backend. File backends write under a temporary name first."""
-    if fmt == "zarr":
-        from ._zarr import ZarrBackend
-
-        return ZarrBackend.create(Path(path))  # type: ignore[arg-type]
-    if fmt == "hdf5":
-        from ._hdf5 import HDF5Backend
-
-        return HDF5Backend.create(Path(path))  # type: ignore[arg-type]
+    """A new, empty, writable backend. File backends write under a temporary name first; a
+    destination that cannot be written raises WriterError naming ``path``, not that name."""
+    if fmt in ("zarr", "hdf5"):
+        if fmt == "zarr":
+            from ._zarr import ZarrBackend as backend_class
+        else:
+            from ._hdf5 import HDF5Backend as backend_class  # type: ignore[assignment]
+        try:
+            return backend_class.create(Path(path))  # type: ignore[arg-type]
+        except TraceError:
+            raise
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+            raise WriterError(f"cannot create {path}: {reason}") from exc
     if fmt == "memory":
         from ._memory import MemoryBackend
 
