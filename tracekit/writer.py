@@ -428,8 +428,7 @@ class TraceWriter:
             chunk = raw[:width]
             tb[i, : len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         token_step = np.concatenate(
-            [np.full(s.n, s.index, dtype=np.int32) if len(s.sizes) == 1 else
-             np.repeat(np.arange(s.index, s.index + len(s.sizes), dtype=np.int32), s.sizes)
+            [np.repeat(np.arange(s.index, s.index + len(s.sizes), dtype=np.int32), s.sizes)
              for s in steps])
         self._write("token_id", rows, ids)
         self._write("token_bytes", rows, tb)

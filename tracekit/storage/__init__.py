@@ -168,23 +168,23 @@ def format_from_suffix(path: str | os.PathLike[str], default: str = "zarr") -> s
 def create_backend(path: str | os.PathLike[str] | None, fmt: str) -> Backend:
     """A new, empty, writable backend. File backends write under a temporary name first; a
     destination that cannot be written raises WriterError naming ``path``, not that name."""
-    if fmt in ("zarr", "hdf5"):
-        if fmt == "zarr":
-            from ._zarr import ZarrBackend as backend_class
-        else:
-            from ._hdf5 import HDF5Backend as backend_class  # type: ignore[assignment]
-        try:
-            return backend_class.create(Path(path))  # type: ignore[arg-type]
-        except TraceError:
-            raise
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
-            raise WriterError(f"cannot create {path}: {reason}") from exc
     if fmt == "memory":
         from ._memory import MemoryBackend
 
         return MemoryBackend()
-    raise TraceError(f"unknown trace format {fmt!r}; use zarr or hdf5")
+    if fmt == "zarr":
+        from ._zarr import ZarrBackend as backend_class
+    elif fmt == "hdf5":
+        from ._hdf5 import HDF5Backend as backend_class  # type: ignore[assignment]
+    else:
+        raise TraceError(f"unknown trace format {fmt!r}; use zarr or hdf5")
+    try:
+        return backend_class.create(Path(path))  # type: ignore[arg-type]
+    except TraceError:
+        raise
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+        raise WriterError(f"cannot create {path}: {reason}") from exc
 
 
 def open_backend(path: str | os.PathLike[str], writable: bool = False) -> Backend:
