@@ -245,12 +245,12 @@ def _(t: Path) -> None:
     edit_meta(t, lambda m: set_path(m, "version", 1.0))
 
 
-@_z("version-higher-major", VersionError, r"2\.0.*1\.0")
+@_z("version-higher-major", VersionError, r"2\.0.*1\.1")
 def _(t: Path) -> None:
     edit_meta(t, lambda m: set_path(m, "version", "2.0"))
 
 
-@_z("version-lower-major", VersionError, r"0\.9.*1\.0")
+@_z("version-lower-major", VersionError, r"0\.9.*1\.1")
 def _(t: Path) -> None:
     edit_meta(t, lambda m: set_path(m, "version", "0.9"))
 
@@ -606,7 +606,7 @@ def _(t: Path) -> None:
     h5_set_meta(t, text, dtype=h5py.string_dtype("utf-8", len(text)))
 
 
-@_h("version-higher-major", VersionError, r"2\.0.*1\.0")
+@_h("version-higher-major", VersionError, r"2\.0.*1\.1")
 def _(t: Path) -> None:
     meta = h5_meta(t)
     meta["version"] = "2.0"

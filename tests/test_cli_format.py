@@ -36,7 +36,7 @@ def test_info_prints_exact_summary(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(main, ["info", str(path)])
     assert result.exit_code == 0, result.output
     expected = f"""\
-Trace     {path} (zarr, format 1.0, {human_bytes(disk_usage(path))})
+Trace     {path} (zarr, format 1.1, {human_bytes(disk_usage(path))})
 Status    complete: 7 positions in {steps} steps (prompt {prompt})
 Model     synthetic/tiny (SyntheticForCausalLM, causal): 3 layers, d_model 8, 2 heads, vocab 500
 Captured  residual, attention

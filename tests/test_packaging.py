@@ -25,7 +25,7 @@ def test_schema_files_ship_in_the_checkout_layout() -> None:
     from tracekit.schema import load_schema, schema_path, spec_path
 
     assert schema_path().read_text(encoding="utf-8") == (
-        ROOT / "schemas" / "trace-v1.0.schema.json").read_text(encoding="utf-8")
+        ROOT / "schemas" / "trace-v1.1.schema.json").read_text(encoding="utf-8")
     assert "MUST" in spec_path().read_text(encoding="utf-8")
     assert load_schema()["additionalProperties"] is False
 
@@ -41,6 +41,8 @@ def test_schema_files_ship_in_the_wheel(tmp_path: Path) -> None:
         names = zf.namelist()
         zf.extractall(site)
     assert "tracekit/schemas/trace-v1.0.schema.json" in names
+    assert "tracekit/schemas/trace-v1.1.schema.json" in names
+    assert "tracekit/schemas/trace-v1.1.md" in names
     assert "tracekit/schemas/trace-v1.0.md" in names
     assert "tracekit/recorder/recording.py" in names
     assert "tracekit/demo_model/model.safetensors" in names
@@ -53,4 +55,4 @@ def test_schema_files_ship_in_the_wheel(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": f"{site}:{deps}", "PATH": "/usr/bin:/bin"},
                          check=True, cwd=tmp_path)
-    assert out.stdout.strip() == "tracekit trace metadata, format 1.0"
+    assert out.stdout.strip() == "tracekit trace metadata, format 1.1"

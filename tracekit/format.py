@@ -19,7 +19,7 @@ import numpy as np
 from .errors import CorruptTraceError, MetadataError
 
 SCHEMA_NAME = "tracekit.trace"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 FORMAT_VERSION_STR = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
 ROOT_KEY = "tracekit"  # root attribute that holds the metadata object
 
