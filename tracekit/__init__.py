@@ -14,6 +14,7 @@ from .errors import (  # noqa: E402
     MetadataError,
     MissingArrayError,
     NotATraceError,
+    TokenIdError,
     TraceError,
     TraceExistsError,
     VersionError,
@@ -26,7 +27,7 @@ from .format import (  # noqa: E402
     ModelInfo,
     TracePlan,
 )
-from .reader import LazyArray, Token, Tokens, Trace, open  # noqa: E402
+from .reader import LazyArray, Prediction, Token, Tokens, Trace, open  # noqa: E402
 from .writer import TraceWriter, create  # noqa: E402
 
 __all__ = [
@@ -40,7 +41,9 @@ __all__ = [
     "MissingArrayError",
     "ModelInfo",
     "NotATraceError",
+    "Prediction",
     "Token",
+    "TokenIdError",
     "Tokens",
     "Trace",
     "TraceError",

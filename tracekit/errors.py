@@ -40,3 +40,7 @@ class WriterError(TraceError):
 
 class TraceExistsError(TraceError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class TokenIdError(TraceError, IndexError):
+    """A token id outside the trace's vocabulary (``Trace.decode``)."""

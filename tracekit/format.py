@@ -49,6 +49,9 @@ MAX_LAYERS = 4096
 MAX_HEADS = 4096
 MAX_TOP_K = 1024
 MAX_TOKEN_BYTES = 4096
+# A stored vocabulary is read whole: bounded well above real ones (256k ids, ~2 MiB of text).
+MAX_VOCAB_SIZE = 1 << 22
+MAX_VOCAB_BYTES = 1 << 26
 
 DEFAULT_TOP_K = 10
 DEFAULT_ATTENTION_TOP_K = 8
@@ -127,6 +130,13 @@ ARRAY_SPECS: tuple[ArraySpec, ...] = (
               summary=True),
     ArraySpec("attention_top_weights", ("position", "layer", "head", "attn_rank"), "float32",
               "attention", "Weights of attention_top_keys.", summary=True),
+    # The vocabulary (1.1, optional): the text of every token id, so that predicted ids read
+    # as text without the tokenizer. Ragged: token i is vocab_bytes[sum(vocab_nbytes[:i]):]
+    # [:vocab_nbytes[i]]. Written once, when the trace is laid out.
+    ArraySpec("vocab_nbytes", ("vocab",), "int32", "vocab",
+              "Length in bytes of each token id's text in vocab_bytes."),
+    ArraySpec("vocab_bytes", ("vocab_byte",), "uint8", "vocab",
+              "UTF-8 (or raw) bytes of every token id's text, concatenated in id order."),
 )
 # fmt: on
 
@@ -134,13 +144,20 @@ SPECS_BY_NAME: dict[str, ArraySpec] = {s.name: s for s in ARRAY_SPECS}
 
 #: Arrays whose per-position data the recorder passes to ``write_step`` (summaries are derived).
 STEP_INPUT_ARRAYS = tuple(
-    s.name for s in ARRAY_SPECS if s.group is not None and not s.summary
+    s.name for s in ARRAY_SPECS if s.group in CAPTURE_GROUPS and not s.summary
 )
+
+#: Group of the vocabulary arrays: present when ``capture.vocab_bytes`` is set, not captured.
+VOCAB_GROUP = "vocab"
+#: Compression of the vocabulary arrays and their coordinates, whatever ``capture.compression``
+#: says: they are written once and read whole, so they are packed hard (byte shuffle + zstd on
+#: zarr, shuffle + deflate on HDF5): a 50k-token vocabulary then adds about 0.2 MB, not 3 MB.
+PACKED = "packed"
 
 #: Every dimension; each has a coordinate array of the same name in the trace.
 DIMENSIONS = (
     "position", "step", "point", "layer", "head", "key", "hidden", "neuron",
-    "rank", "attn_rank", "bound", "byte", "commit_field",
+    "rank", "attn_rank", "bound", "byte", "commit_field", "vocab", "vocab_byte",
 )
 
 
@@ -222,6 +239,8 @@ class TracePlan:
     token_bytes: int = DEFAULT_TOKEN_BYTES
     compression: str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: Total bytes of the stored vocabulary's texts; None when the trace stores no vocabulary.
+    vocab_bytes: int | None = None
     _chunk_positions: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -263,12 +282,24 @@ class TracePlan:
             problems.append("no layers selected")
         elif self.layers[0] < 0 or self.layers[-1] >= m.n_layers:
             problems.append(f"layers {list(self.layers)} outside 0..{m.n_layers - 1}")
+        if self.vocab_bytes is not None:
+            if not isinstance(self.vocab_bytes, int) or not (
+                    0 <= self.vocab_bytes <= MAX_VOCAB_BYTES):
+                problems.append(f"vocab_bytes = {self.vocab_bytes!r} outside 0..{MAX_VOCAB_BYTES}")
+            if m.vocab_size > MAX_VOCAB_SIZE:
+                problems.append(f"a stored vocabulary of {m.vocab_size} ids exceeds "
+                                f"{MAX_VOCAB_SIZE}")
         if self.compression not in (None, "zstd", "gzip"):
             problems.append(f"compression {self.compression!r} not one of none, zstd, gzip")
         if problems:
             raise MetadataError("; ".join(problems))
 
     # -- derived layout ---------------------------------------------------------------------
+    @property
+    def has_vocab(self) -> bool:
+        """Whether the trace stores the text of every token id (``vocab_*`` arrays)."""
+        return self.vocab_bytes is not None
+
     @property
     def points(self) -> tuple[int, ...]:
         """Residual-stream points captured: input and output of every captured block."""
@@ -294,6 +325,8 @@ class TracePlan:
             "bound": 2,
             "byte": self.token_bytes,
             "commit_field": 2,
+            "vocab": self.model.vocab_size if self.has_vocab else 0,
+            "vocab_byte": self.vocab_bytes or 0,
         }
 
     def coordinate_values(self, dim: str) -> np.ndarray:
@@ -306,7 +339,8 @@ class TracePlan:
 
     def array_specs(self) -> list[ArraySpec]:
         """Specs of the data arrays this plan writes (coordinates excluded)."""
-        return [s for s in ARRAY_SPECS if s.group is None or s.group in self.captured]
+        return [s for s in ARRAY_SPECS if s.group is None or s.group in self.captured
+                or (s.group == VOCAB_GROUP and self.has_vocab)]
 
     def used_dims(self) -> list[str]:
         used = {d for s in self.array_specs() for d in s.dims}
@@ -360,8 +394,8 @@ class TracePlan:
         return (lead, *rest)
 
     def compression_for(self, spec: ArraySpec) -> str | None:
-        """Attention rows are zero padded past the query: compress them on zarr by default."""
-        return self.compression
+        """The plan's compression; the vocabulary is always packed (see :data:`PACKED`)."""
+        return PACKED if spec.group == VOCAB_GROUP else self.compression
 
     def estimated_bytes(self) -> int:
         """Upper estimate of the trace size on disk, uncompressed (causal attention: triangle)."""
@@ -391,6 +425,7 @@ class TracePlan:
             "max_positions": self.max_positions,
             "chunk_positions": self.chunk_positions,
             "compression": self.compression,
+            "vocab_bytes": self.vocab_bytes,
         }
 
     @classmethod
@@ -408,6 +443,7 @@ class TracePlan:
                 attention_top_k=int(cap["attention_top_k"]),
                 token_bytes=int(cap["token_bytes"]),
                 compression=cap.get("compression"),
+                vocab_bytes=None if cap.get("vocab_bytes") is None else int(cap["vocab_bytes"]),
                 _chunk_positions=int(cap["chunk_positions"]),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -27,6 +27,7 @@ from .format import (
 )
 from .schema import check_metadata
 from .storage import Backend, StoredArray, open_backend
+from .vocab import Vocabulary
 
 
 class LazyArray:
@@ -175,6 +176,20 @@ class Token:
     truncated: bool
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """One of the top-k next tokens predicted at a position (or read by the logit lens)."""
+
+    rank: int
+    id: int
+    text: str
+    logprob: float
+
+    @property
+    def prob(self) -> float:
+        return float(np.exp(self.logprob))
+
+
 class Tokens(Sequence[Token]):
     """The committed tokens, loaded on first use (a few bytes per position)."""
 
@@ -246,6 +261,7 @@ class Trace:
                 )
             self.plan = TracePlan.from_metadata(self.metadata)
             self._arrays: dict[str, LazyArray] = {}
+            self._vocab: Vocabulary | None = None
             self._load_commit()
         except BaseException:
             backend.close()
@@ -370,6 +386,50 @@ class Trace:
         if data.size == 0:
             return (0.0, 0.0)
         return float(np.min(data)), float(np.max(data))
+
+    # -- vocabulary and predictions as text -------------------------------------------------
+    @property
+    def has_vocab(self) -> bool:
+        """Whether the trace stores the text of every token id (format 1.1, optional)."""
+        return self.plan.has_vocab
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The stored vocabulary, read whole on first use (its size is checked first)."""
+        if self._vocab is None:
+            if not self.plan.has_vocab:
+                raise MissingArrayError(
+                    f"{self.path or 'this trace'} was recorded without a vocabulary (format "
+                    f"{self.metadata['version']}); load its tokenizer "
+                    f"({self.metadata.get('run', {}).get('tokenizer') or self.model['name']}) "
+                    f"to turn token ids into text")
+            # Shapes were checked against the metadata, whose sizes the plan bounds.
+            self._vocab = Vocabulary(self["vocab_nbytes"][:], self["vocab_bytes"][:])
+        return self._vocab
+
+    def decode(self, ids: Any) -> list[str]:
+        """The text of each token id (an int, or a sequence or array of ints, flattened):
+        ``t.decode(t["top_ids"][5])``. Raises TokenIdError for an id outside the vocabulary,
+        MissingArrayError when the trace stores none."""
+        return self.vocab.decode(ids)
+
+    def predictions(self, position: int) -> list[Prediction]:
+        """The top-k next tokens predicted at ``position``, most likely first, as text."""
+        return self._ranked(self["top_ids"], self["top_logprobs"], (position,))
+
+    def lens_predictions(self, position: int, point: int) -> list[Prediction]:
+        """The logit lens's top-k at ``position`` and residual point ``point`` (a point
+        index as in ``t.points``, not an index into it), as text."""
+        if point not in self.plan.points:
+            raise IndexError(f"point {point} was not captured (points: {self.points})")
+        index = self.plan.points.index(point)
+        return self._ranked(self["lens_ids"], self["lens_logprobs"], (position, index))
+
+    def _ranked(self, ids_arr: LazyArray, lp_arr: LazyArray, at: tuple) -> list[Prediction]:
+        ids, logprobs = ids_arr[at], lp_arr[at]
+        vocab = self.vocab
+        return [Prediction(rank=r, id=int(i), text=vocab.text(int(i)), logprob=float(lp))
+                for r, (i, lp) in enumerate(zip(ids, logprobs, strict=True)) if i >= 0]
 
     def to_xarray(self):  # -> xarray.Dataset
         """A lazy xarray Dataset with named dimensions and coordinates (needs xarray)."""

@@ -27,7 +27,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,16 @@ from .errors import TraceError, WriterError
 from .format import (
     FORMAT_VERSION_STR,
     GROWING_DIMS,
+    PACKED,
     SCHEMA_NAME,
     SPECS_BY_NAME,
     STEP_INPUT_ARRAYS,
+    VOCAB_GROUP,
     TracePlan,
     storage_dtype,
 )
 from .storage import Backend, StoredArray, create_backend, format_from_suffix
+from .vocab import plan_with_vocab
 
 _STOP = object()
 _FLUSH = object()
@@ -119,12 +122,24 @@ class _Step:
 
 class TraceWriter:
     """Writes one trace. Use :func:`create` to make one; feed :meth:`write_step`; then
-    :meth:`close` (or use it as a context manager: an exception marks the trace ``aborted``)."""
+    :meth:`close` (or use it as a context manager: an exception marks the trace ``aborted``).
+
+    ``vocab``: the text of every token id in id order, stored so that predictions read as text
+    without the tokenizer (:func:`tracekit.vocab.plan_with_vocab`).
+    """
 
     def __init__(self, backend: Backend, plan: TracePlan, *, run: Mapping[str, Any] | None = None,
                  prompt_length: int = 0, tags: Mapping[str, Any] | None = None,
                  environment: Mapping[str, Any] | None = None, queue_size: int = 32,
-                 commit_interval: float = 1.0, commit_bytes: int = 16 << 20) -> None:
+                 commit_interval: float = 1.0, commit_bytes: int = 16 << 20,
+                 vocab: Iterable[bytes | str] | None = None) -> None:
+        try:
+            plan, packed = plan_with_vocab(plan, vocab)
+        except BaseException:
+            discard = getattr(backend, "discard", None)
+            if discard is not None:
+                discard()
+            raise
         self.plan = plan
         self._commit_bytes = commit_bytes
         self._backend = backend
@@ -153,7 +168,7 @@ class TraceWriter:
         self._specs = plan.array_specs()
         self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
         try:
-            create_layout(backend, plan)
+            create_layout(backend, plan, packed)
             backend.write_root_meta(self._meta, capacity=self._final_meta_bound())
             backend.begin_streaming()
         except BaseException:
@@ -536,13 +551,17 @@ class TraceWriter:
         self._backend.seal()
 
 
-def create_layout(backend: Backend, plan: TracePlan) -> None:
-    """Create every coordinate and data array of ``plan`` (preallocated, zero filled)."""
+def create_layout(backend: Backend, plan: TracePlan,
+                  vocab: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Create every coordinate and data array of ``plan`` (preallocated, zero filled), and
+    write the vocabulary (``(vocab_nbytes, vocab_bytes)``) when given: HDF5 creates no object
+    once streaming starts, so it is written with the layout."""
+    vocab_dims = {d for s in plan.array_specs() if s.group == VOCAB_GROUP for d in s.dims}
     for dim in plan.used_dims():
         values = plan.coordinate_values(dim)
         chunk = (max(1, min(len(values), 1 << 16)),)
-        arr = backend.create_array(dim, values.shape, values.dtype, chunk, (dim,), {}, None,
-                                   coordinate=True)
+        arr = backend.create_array(dim, values.shape, values.dtype, chunk, (dim,), {},
+                                   PACKED if dim in vocab_dims else None, coordinate=True)
         if len(values):
             arr[(slice(0, len(values)),)] = values
     for spec in plan.array_specs():
@@ -554,6 +573,10 @@ def create_layout(backend: Backend, plan: TracePlan) -> None:
             spec.name, plan.shape(spec), storage_dtype(logical), plan.chunks(spec), spec.dims,
             attrs, plan.compression_for(spec), write_empty_chunks=spec.name != "attention",
         )
+    if vocab is not None:
+        for name, values in zip(("vocab_nbytes", "vocab_bytes"), vocab, strict=True):
+            if len(values):
+                backend.get_array(name)[(slice(0, len(values)),)] = values
     # The counter is stored before the trace becomes visible, so every later update rewrites
     # 16 bytes in place; a writer killed while creating its chunk would leave it empty.
     backend.get_array("commit")[(slice(0, 2),)] = np.zeros(2, dtype=np.int64)
@@ -615,7 +638,7 @@ def create(path: str | os.PathLike[str] | Backend, plan: TracePlan, *, format: s
            overwrite: bool = False, **metadata: Any) -> TraceWriter:
     """Create a trace at ``path`` (zarr directory or HDF5 file, from ``format`` or the suffix)
     and return its writer. Keyword arguments (``run``, ``prompt_length``, ``tags``,
-    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``) go to
+    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``, ``vocab``) go to
     :class:`TraceWriter`."""
     if isinstance(path, Backend):
         return TraceWriter(path, plan, **metadata)

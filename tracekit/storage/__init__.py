@@ -96,7 +96,10 @@ class Backend(ABC):
     def create_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
                      chunks: tuple[int, ...], dims: tuple[str, ...], attrs: dict[str, Any],
                      compression: str | None, write_empty_chunks: bool = True,
-                     coordinate: bool = False) -> StoredArray: ...
+                     coordinate: bool = False) -> StoredArray:
+        """A new zero-filled array. ``compression``: None, ``zstd`` or ``gzip`` (the plan's
+        choice), or ``packed`` for small arrays written once and read whole (the vocabulary):
+        the strongest standard codecs every reader has, with a byte shuffle."""
 
     @abstractmethod
     def array_names(self) -> list[str]: ...

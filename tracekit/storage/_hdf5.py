@@ -358,6 +358,8 @@ class HDF5Backend(Backend):
         kwargs: dict[str, Any] = {}
         if compression in ("gzip", "zstd"):  # zstd is not built into HDF5: use deflate
             kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
+        elif compression == "packed":  # written once, read whole: compress harder
+            kwargs.update(compression="gzip", compression_opts=6, shuffle=True)
         ds = self._f.create_dataset(
             name, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0,
             maxshape=tuple(None for _ in shape), **kwargs,

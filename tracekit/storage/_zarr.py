@@ -186,6 +186,10 @@ def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, .
         codecs.append({"name": "zstd", "configuration": {"level": 1, "checksum": False}})
     elif compression == "gzip":
         codecs.append({"name": "gzip", "configuration": {"level": 1}})
+    elif compression == "packed":  # written once, read whole: byte shuffle + zstd
+        codecs.append({"name": "blosc", "configuration": {
+            "typesize": dtype.itemsize, "cname": "zstd", "clevel": 5,
+            "shuffle": "shuffle" if dtype.itemsize > 1 else "noshuffle", "blocksize": 0}})
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}")
     fill: Any = False if dtype.kind == "b" else (0.0 if dtype.kind == "f" else 0)
