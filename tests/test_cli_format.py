@@ -42,6 +42,7 @@ Model     synthetic/tiny (SyntheticForCausalLM, causal): 3 layers, d_model 8, 2 
 Captured  residual, attention
 Layers    0, 2 (residual points 0-3)
 Stored    float16, top-k 3, attention top-k 2
+Vocab     not stored: predictions are token ids (decode with the tokenizer)
 Created   {created}
 Text      {text!r}
 Arrays

@@ -86,6 +86,9 @@ def info(trace: Path, as_json: bool) -> None:
             f"(residual points {index_ranges(cap['points'])})",
             f"Stored    {cap['stored_dtype']}, top-k {cap['top_k']}, "
             f"attention top-k {cap['attention_top_k']}",
+            "Vocab     " + (f"{m['vocab_size']} token texts ({human_bytes(t.plan.vocab_bytes)}): "
+                            f"predictions read as text" if t.has_vocab else
+                            "not stored: predictions are token ids (decode with the tokenizer)"),
         ]
         run_bits = [f"{k} {run[k]}" for k in ("device", "model_dtype", "attn_implementation")
                     if run.get(k)]

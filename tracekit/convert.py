@@ -58,7 +58,7 @@ def _copy(trace: Trace, backend, progress: Progress | None) -> None:
     for name in names:
         src = trace[name]._stored
         dst = backend.get_array(name)
-        rows = steps if src.dims[0] == "step" else positions
+        rows = trace[name].shape[0]  # committed along growing dims, whole along the rest
         block = max(1, src.chunks[0])
         for start in range(0, rows, block):
             stop = min(rows, start + block)

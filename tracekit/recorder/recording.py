@@ -23,7 +23,7 @@ from ..format import CAPTURE_GROUPS, DEFAULT_ATTENTION_TOP_K, DEFAULT_TOP_K, Mod
 from .capture import Capture, StepTaps, eager_attention
 from .errors import RecorderError
 from .structure import ModelStructure, discover_structure, input_device
-from .tokens import token_bytes
+from .tokens import token_bytes, vocab_texts
 
 __all__ = [
     "DEFAULT_CAPTURE",
@@ -269,9 +269,14 @@ class Recording:
             model_type=getattr(config, "model_type", None), kind=s.kind,
             revision=getattr(config, "_commit_hash", None),
         )
+        # Every id's text travels with the trace, so predictions read as text without the
+        # tokenizer (a few hundred kB for 50k ids, compressed; none without a tokenizer).
+        self.vocab = None if tokenizer is None else vocab_texts(tokenizer, s.vocab_size)
         self.plan = TracePlan(model=info, max_positions=total, captured=frozenset(groups),
                               layers=tuple(layer_list), stored_dtype=store_dtype, top_k=top_k,
-                              attention_top_k=attention_top_k)
+                              attention_top_k=attention_top_k,
+                              vocab_bytes=None if self.vocab is None else sum(
+                                  len(t) for t in self.vocab))
 
     @property
     def estimated_bytes(self) -> int:
@@ -318,7 +323,7 @@ class Recording:
             writer = create_trace(
                 out, self.plan, format=format, overwrite=overwrite,
                 run=self.run_metadata(impl), prompt_length=len(self.prompt_ids),
-                tags=tags, environment=_environment())
+                tags=tags, environment=_environment(), vocab=self.vocab)
             started = time.perf_counter()
             ids: list[int] = []
             steps = 0

@@ -6,7 +6,13 @@ surface form from the vocabulary and map it back to bytes:
 
 * byte-level BPE (GPT-2, Llama-3, Qwen, the demo model): the GPT-2 byte-to-unicode table;
 * SentencePiece: ``▁`` is a space and ``<0xNN>`` byte-fallback pieces are that byte;
-* anything else (WordPiece ``##ing``, special tokens): the vocabulary string in UTF-8.
+* WordPiece (BERT): a word's first piece gets the space the tokenizer's decode puts before it
+  (``the`` -> `` the``), a continuation loses its prefix (``##ing`` -> ``ing``), so that the
+  texts of a sequence join into its text; punctuation the decoder glues to the word before
+  (``.``, ``,``, ``!``, ``?``) gets no space;
+* anything else (special tokens): the vocabulary string in UTF-8.
+
+:func:`vocab_texts` gives every id's bytes, the vocabulary a trace stores.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["token_bytes"]
+__all__ = ["token_bytes", "vocab_texts"]
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -46,6 +52,23 @@ def _is_byte_level(tokenizer: Any) -> bool:
     return "ByteLevel" in text
 
 
+def _word_piece(tokenizer: Any) -> tuple[str, bool] | None:
+    """(continuation prefix, whether decode glues punctuation) of a WordPiece tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer",
+                                                                        None)
+    model = getattr(backend, "model", None)
+    if model is not None and type(model).__name__ == "WordPiece":
+        decoder = getattr(backend, "decoder", None)
+        return (getattr(model, "continuing_subword_prefix", None) or "##",
+                decoder is None or "cleanup=True" in repr(decoder))
+    if model is None and hasattr(tokenizer, "wordpiece_tokenizer"):  # a slow BertTokenizer
+        return "##", bool(getattr(tokenizer, "clean_up_tokenization_spaces", True))
+    return None
+
+
+_GLUED = frozenset(".,!?")
+
+
 def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
     """The bytes of each token of ``ids`` (``str(id)`` when there is no tokenizer)."""
     ids = [int(i) for i in ids]
@@ -64,9 +87,19 @@ def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
             else:
                 out.append(bytes(table[ch] for ch in piece))
         return out
+    word_piece = _word_piece(tokenizer)
     for i, piece in zip(ids, pieces, strict=True):
         if piece is None:
             out.append(tokenizer.decode([i]).encode("utf-8"))
+            continue
+        if word_piece is not None and piece not in special:
+            prefix, glued = word_piece
+            if piece.startswith(prefix) and len(piece) > len(prefix):
+                out.append(piece[len(prefix):].encode("utf-8"))
+            elif glued and piece in _GLUED:
+                out.append(piece.encode("utf-8"))
+            else:
+                out.append(b" " + piece.encode("utf-8"))
             continue
         m = _BYTE_PIECE.match(piece)
         if m:
@@ -76,3 +109,11 @@ def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
         else:
             out.append(piece.encode("utf-8"))
     return out
+
+
+def vocab_texts(tokenizer: Any, vocab_size: int) -> list[bytes]:
+    """The bytes of every token id ``0..vocab_size-1``, as :func:`token_bytes` gives them;
+    ids the tokenizer does not have (a model's embedding padded past its vocabulary) are
+    empty."""
+    known = min(vocab_size, len(tokenizer))
+    return token_bytes(tokenizer, range(known)) + [b""] * (vocab_size - known)
