@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tracekit_viewer.frame import compute_frame
 from tracekit_viewer.scene import ARC_CURRENT, CityLayout, box_geometry, colour_values
-from tracekit_viewer.source import BlockCache, TraceSource
+from tracekit_viewer.source import BlockCache, TraceSource, id_label
 from tracekit_viewer.state import ViewState
 from tracekit_viewer.synthetic import (
     WORDS,
@@ -125,6 +125,31 @@ def test_panels_follow_focus_head_and_traced_token(source):
     # logit lens: ids (position + point + rank) % 20, all seen in the sequence
     assert [t for t, _ in tok.lens[0]] == [repr(WORDS[3]), repr(WORDS[4]), repr(WORDS[5])]
     assert tok.lens[0][0][1] == pytest.approx(np.exp(-1))
+
+
+def test_prediction_labels_are_quoted_text_or_the_id() -> None:
+    assert id_label(5, "fib") == "'fib'"
+    assert id_label(7, "\n    ") == "'\\n    '"  # escaped, so a label stays one line
+    assert id_label(9, "\\xe2") == "'\\\\xe2'"
+    assert id_label(68, None) == "#68"
+
+
+@pytest.mark.parametrize("vocab", [True, False])
+def test_predictions_show_text_from_the_stored_vocabulary(tmp_path, vocab: bool) -> None:
+    path = write_synthetic_trace(tmp_path / "t.zarr", n_layers=3, n_positions=10, d_model=8,
+                                 n_heads=2, prompt_length=4, vocab=vocab)
+    s = TraceSource(path, prefetch=False)
+    try:
+        tok = compute_frame(s, ViewState(step=6, traced=9), LAYOUT).token
+        # Position 9 predicts ids 10, 11, ...: words that never occur in the 10 positions,
+        # so without a vocabulary the viewer can only show their ids.
+        labels = [t for t, _ in tok.predictions]
+        assert labels[:2] == ([repr(WORDS[10]), repr(WORDS[11])] if vocab else ["#10", "#11"])
+        assert s.id_text(len(WORDS) + 3) == (repr(f" w{len(WORDS) + 3}") if vocab
+                                             else f"#{len(WORDS) + 3}")
+        assert s.id_text(2) == repr(WORDS[2])  # seen in the sequence: text either way
+    finally:
+        s.close()
 
 
 def test_a_traced_token_not_yet_computed_is_not_shown(source):

@@ -24,7 +24,7 @@ from tracekit.format import decode_token_text
 
 from .scene import combine_heads, sparse_rows_to_dense
 
-__all__ = ["BlockCache", "TraceSource", "METRICS"]
+__all__ = ["BlockCache", "TraceSource", "METRICS", "id_label"]
 
 #: What the city's heights and colours can show, and the summary array each reads.
 METRICS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
@@ -47,6 +47,12 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, str):
         return len(value) + 50
     return 64
+
+
+def id_label(token_id: int, text: str | None) -> str:
+    """How a token id shows in the panels: its text quoted, with newlines and invalid bytes
+    escaped (``'fib'``, ``'\\n   '``), or ``#id`` when there is no text for it."""
+    return repr(text) if text is not None else f"#{int(token_id)}"
 
 
 class BlockCache:
@@ -124,6 +130,8 @@ class TraceSource:
         self._ranges: dict[str, tuple[float, float]] = {}
         self._scales: dict[tuple[str, int], float] = {}
         self._id_text: dict[int, str] = {}
+        self._vocab: Any = None  # the trace's vocabulary (format 1.1), read on first use
+        self._vocab_tried = not t.has_vocab
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tracekit-prefetch") if (
             prefetch) else None
         self._prefetch_gen = 0
@@ -202,10 +210,26 @@ class TraceSource:
         return self.texts(position, position + 1)[0]
 
     def id_text(self, token_id: int) -> str:
-        """Text of a vocabulary id if it occurs in the parts of the sequence read so far
-        (a trace stores no vocabulary), else ``#id``."""
-        text = self._id_text.get(int(token_id))
-        return repr(text) if text is not None else f"#{int(token_id)}"
+        """Label of a vocabulary id (a prediction, the logit lens): its text from the trace's
+        vocabulary; without one (format 1.0), from the positions read so far; else ``#id``."""
+        i = int(token_id)
+        vocab = self._vocabulary()
+        if vocab is None:
+            return id_label(i, self._id_text.get(i))
+        try:
+            return id_label(i, vocab.text(i))
+        except tracekit.TraceError:  # an id outside the vocabulary (a corrupt trace)
+            return id_label(i, None)
+
+    def _vocabulary(self) -> Any:
+        if not self._vocab_tried:
+            with self._read_lock:
+                if not self._vocab_tried:
+                    # A vocabulary that does not read (corrupt) leaves the ids as they are.
+                    with contextlib.suppress(tracekit.TraceError):
+                        self._vocab = self.trace.vocab
+                    self._vocab_tried = True
+        return self._vocab
 
     # -- summaries for the city -------------------------------------------------------------
     def value_range(self, metric: str) -> tuple[float, float]:

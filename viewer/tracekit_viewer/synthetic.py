@@ -235,11 +235,12 @@ def write_synthetic_trace(path: str | os.PathLike[str], *, n_layers: int = 4,
                           stored_dtype: str = "float16", attention_top_k: int = 8,
                           top_k: int = 5, chunk_bytes: int | None = None,
                           format: str | None = None, overwrite: bool = True,
-                          step_sizes: list[int] | None = None) -> Path:
+                          step_sizes: list[int] | None = None, vocab: bool = False) -> Path:
     """Write a synthetic trace through :func:`tracekit.create` and return its path.
 
     The first step computes the ``prompt_length`` prompt positions at once; every later step
-    computes one position (unless ``step_sizes`` says otherwise).
+    computes one position (unless ``step_sizes`` says otherwise). ``vocab``: store the
+    vocabulary (id ``i`` is ``WORDS[i]``, ids past them `` w<i>``), as format 1.1 allows.
     """
     if values not in ("exact", "random"):
         raise ValueError(f"values must be 'exact' or 'random', not {values!r}")
@@ -253,7 +254,9 @@ def write_synthetic_trace(path: str | os.PathLike[str], *, n_layers: int = 4,
     writer = tracekit.create(path, plan, format=format, overwrite=overwrite,
                              prompt_length=min(prompt_length, n_positions),
                              run={"prompt": "".join(WORDS[:prompt_length]), "seed": seed},
-                             tags={"generator": "tracekit_viewer.synthetic", "values": values})
+                             tags={"generator": "tracekit_viewer.synthetic", "values": values},
+                             vocab=[*WORDS, *(f" w{i}" for i in range(
+                                 len(WORDS), plan.model.vocab_size))] if vocab else None)
     with writer:
         start = 0
         for n in sizes:
