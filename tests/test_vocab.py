@@ -198,6 +198,9 @@ def test_a_vocabulary_whose_lengths_do_not_add_up_is_refused(tmp_path: Path) -> 
     arr[5] = int(arr[5]) + 1
     with tracekit.open(path) as t, pytest.raises(CorruptTraceError, match="add up to"):
         t.decode([0])
+    total = sum(len(x.encode() if isinstance(x, str) else x) for x in vocab_of())
+    assert validate(path) == [f"vocab_nbytes add up to {total + 1} bytes, but vocab_bytes "
+                              f"holds {total}"]
     arr[5] = -1000
     with tracekit.open(path) as t, pytest.raises(CorruptTraceError, match="negative"):
         t.decode([0])

@@ -112,6 +112,11 @@ def _check_tables(trace: Trace) -> list[str]:
     ids = trace["token_id"][:]
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         problems.append(f"token ids outside the vocabulary 0..{vocab - 1}")
+    if trace.has_vocab:
+        try:
+            len(trace.vocab)  # reading it checks its lengths against vocab_bytes
+        except TraceError as exc:
+            problems.append(str(exc))
     return problems
 
 
