@@ -215,3 +215,23 @@ def test_an_oversized_declared_vocabulary_is_refused_before_reading(tmp_path: Pa
     (path / "zarr.json").write_text(json.dumps(doc))
     with pytest.raises(MetadataError, match="vocab_bytes"):
         tracekit.open(path)
+
+
+def test_xarray_alone_shows_the_vocabulary(tmp_path: Path) -> None:
+    import warnings
+
+    import xarray as xr
+
+    vocab = vocab_of()
+    packed = b"".join(x.encode() if isinstance(x, str) else x for x in vocab)
+    write(tmp_path / "t.zarr", vocab=vocab)
+    write(tmp_path / "t.h5", vocab=vocab)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = xr.open_datatree(tmp_path / "t.zarr", engine="zarr")
+    with xr.open_dataset(tmp_path / "t.h5", engine="h5netcdf") as ds:
+        for view in (tree, ds):
+            assert view["vocab_bytes"].dims == ("vocab_byte",)
+            assert view["vocab_nbytes"].dims == ("vocab",)
+            assert view["vocab_bytes"].values.tobytes() == packed
+            assert view["vocab"].values.tolist() == list(range(V))

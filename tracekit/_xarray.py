@@ -30,7 +30,9 @@ def _variable(arr: LazyArray, attrs: dict[str, Any]) -> xr.Variable:
 
 
 def trace_to_dataset(trace: Trace) -> xr.Dataset:
-    """All captured arrays as lazy variables, with coordinates for every dimension."""
+    """All captured arrays (and the vocabulary, when the trace stores one: ``vocab_nbytes``
+    and ``vocab_bytes``, as a plain xarray reader sees them) as lazy variables, with
+    coordinates for every dimension."""
     coords = {dim: trace.coords(dim) for dim in trace.plan.used_dims() if dim != "commit_field"}
     variables = {}
     for spec in trace.plan.array_specs():
