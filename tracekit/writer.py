@@ -552,7 +552,7 @@ class TraceWriter:
 
 
 def create_layout(backend: Backend, plan: TracePlan,
-                  vocab: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                  packed_vocab: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Create every coordinate and data array of ``plan`` (preallocated, zero filled), and
     write the vocabulary (``(vocab_nbytes, vocab_bytes)``) when given: HDF5 creates no object
     once streaming starts, so it is written with the layout."""
@@ -573,8 +573,8 @@ def create_layout(backend: Backend, plan: TracePlan,
             spec.name, plan.shape(spec), storage_dtype(logical), plan.chunks(spec), spec.dims,
             attrs, plan.compression_for(spec), write_empty_chunks=spec.name != "attention",
         )
-    if vocab is not None:
-        for name, values in zip(("vocab_nbytes", "vocab_bytes"), vocab, strict=True):
+    if packed_vocab is not None:
+        for name, values in zip(("vocab_nbytes", "vocab_bytes"), packed_vocab, strict=True):
             if len(values):
                 backend.get_array(name)[(slice(0, len(values)),)] = values
     # The counter is stored before the trace becomes visible, so every later update rewrites
