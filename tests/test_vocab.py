@@ -13,6 +13,8 @@ import pytest
 import tracegen
 import zarr
 from conftest import trace_target
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tracekit
 from tracekit._cliutil import disk_usage
@@ -235,3 +237,15 @@ def test_xarray_alone_shows_the_vocabulary(tmp_path: Path) -> None:
             assert view["vocab_nbytes"].dims == ("vocab",)
             assert view["vocab_bytes"].values.tobytes() == packed
             assert view["vocab"].values.tolist() == list(range(V))
+
+
+@given(st.lists(st.binary(max_size=40) | st.text(max_size=12), max_size=60))
+@settings(max_examples=60, deadline=None)
+def test_any_texts_pack_and_read_back(texts: list[bytes | str]) -> None:
+    from tracekit.vocab import Vocabulary, pack_vocab
+
+    vocab = Vocabulary(*pack_vocab(texts))
+    assert len(vocab) == len(texts)
+    assert [vocab.raw(i) for i in range(len(texts))] == [
+        t.encode() if isinstance(t, str) else t for t in texts]
+    assert vocab.decode(range(len(texts))) == [as_text(t) for t in texts]
