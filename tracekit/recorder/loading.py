@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import RecorderError
+from .hub import hub_cache, hub_unreachable, is_local_folder
 
 __all__ = ["DEMO_MODEL_NAME", "load_model", "resolve_model_path"]
 
@@ -67,7 +68,9 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
 
     ``device="auto"`` spreads the model over every visible GPU (``device_map="auto"``, needs
     accelerate) or uses the CPU. ``dtype="auto"`` is float32 on the CPU and the checkpoint's
-    dtype on a GPU. Remote code runs only with ``trust_remote_code=True``.
+    dtype on a GPU. Remote code runs only with ``trust_remote_code=True``; weights load only
+    from safetensors files. A hub id comes from the local cache alone when the hub does not
+    answer (offline), and fails at once when it is not cached.
     """
     try:
         import transformers
@@ -76,22 +79,32 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         raise RecorderError("recording needs torch and transformers: pip install "
                             "'tracekit[record]'") from exc
     source = resolve_model_path(name_or_path)
-    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
+    local = is_local_folder(source)
+    if local and not Path(source).expanduser().is_dir():
         raise RecorderError(f"no model folder at {source}")
+    # A hub id is looked up in the local cache only when the hub does not answer (see .hub).
+    offline = None if local else hub_unreachable()
     target = pick_device(device)
     if dtype != "auto" and dtype not in _DTYPES:
         raise RecorderError(f"--dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
     torch_dtype: Any = _DTYPES.get(dtype)
     if torch_dtype is None:
         torch_dtype = "auto" if target.startswith("cuda") else torch.float32
-    common = {"trust_remote_code": trust_remote_code, "revision": revision}
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if offline:
+        common["local_files_only"] = True
     with _quiet(transformers):
         try:
             config = AutoConfig.from_pretrained(source, **common)
         except Exception as exc:
+            if offline:
+                raise RecorderError(
+                    f"cannot load model {source!r}: offline ({offline}), and it is not in the "
+                    f"Hugging Face cache {hub_cache()}") from None
             raise RecorderError(f"cannot load model {source!r}: {_one_line(exc)}") from exc
         cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, **common}
+        # Weights only from safetensors: a pytorch_model.bin is a pickle, which can run code.
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **common}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         spread = target == "cuda" and torch.cuda.device_count() > 1 and \
