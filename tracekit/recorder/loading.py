@@ -101,7 +101,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
                 raise RecorderError(
                     f"cannot load model {source!r}: offline ({offline}), and it is not in the "
                     f"Hugging Face cache {hub_cache()}") from None
-            raise RecorderError(f"cannot load model {source!r}: {_one_line(exc)}") from exc
+            raise _load_error(source, exc) from exc
         cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
         # Weights only from safetensors: a pytorch_model.bin is a pickle, which can run code.
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **common}
@@ -114,7 +114,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         try:
             model = cls.from_pretrained(source, config=config, **kwargs)
         except Exception as exc:
-            raise RecorderError(f"cannot load model {source!r}: {_one_line(exc)}") from exc
+            raise _load_error(source, exc) from exc
         if not spread:
             model.to(target)
         model.eval()
@@ -134,6 +134,20 @@ def model_name_for(name_or_path: str | os.PathLike[str] | None) -> str:
         return DEMO_MODEL_NAME
     p = Path(name_or_path)
     return str(p.resolve()) if p.exists() else str(name_or_path)
+
+
+def _load_error(source: str, exc: BaseException) -> RecorderError:
+    """One line for a model that would not load; the two refusals said in tracekit's terms."""
+    text = str(exc)
+    if "custom code" in text or "trust_remote_code" in text:
+        why = ("it needs its own Python code, which runs only with --trust-remote-code "
+               "(off by default)")
+    elif "safetensors" in text and "no file named" in text:
+        why = ("it has no safetensors weights; weights in pickle files (.bin, .pt) are never "
+               "loaded, since unpickling can run code")
+    else:
+        why = _one_line(exc)
+    return RecorderError(f"cannot load model {source!r}: {why}")
 
 
 def _one_line(exc: BaseException) -> str:
