@@ -206,3 +206,15 @@ def test_a_complete_trace_without_a_step_is_invalid(runner: CliRunner, tmp_path:
     assert result.exit_code == 1
     assert result.output == (
         f"{path}: status complete but no step recorded (an empty trace is aborted)\n")
+
+
+def test_to_xarray_without_xarray_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    path, _ = _trace(tmp_path)
+    monkeypatch.setitem(sys.modules, "xarray", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "tracekit._xarray", raising=False)
+    with tracekit.open(path) as t, pytest.raises(ModuleNotFoundError) as err:
+        t.to_xarray()
+    assert str(err.value) == ("to_xarray() needs xarray: python -m pip install xarray (or the "
+                              "tracekit[xarray] extra)")
