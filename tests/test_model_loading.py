@@ -187,3 +187,19 @@ def test_replay_never_unpickles_the_weights_a_trace_points_to(tmp_path: Path) ->
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1].startswith(
         f"Error: cannot load model {str(folder)!r}: it has no safetensors weights")
+
+
+def test_the_minilm_sample_says_how_to_replay_it_offline(unreachable_hub: str) -> None:
+    sample = Path(__file__).resolve().parent.parent / "sample_traces" / "minilm_fox.zarr"
+    if not sample.exists():
+        pytest.skip("no sample traces yet (python scripts/make_sample_traces.py)")
+    started = time.perf_counter()
+    result = replay(sample)
+    assert time.perf_counter() - started < 5
+    assert result.exit_code == 1
+    loading, error = result.stderr.splitlines()
+    assert loading.startswith("Loading   sentence-transformers/all-MiniLM-L6-v2 (named by the "
+                              "trace) from the Hugging Face cache")
+    assert error.startswith("Error: cannot load model 'sentence-transformers/all-MiniLM-L6-v2': "
+                            "offline")
+    assert error.endswith("pass --model PATH to load it from a local folder")

@@ -378,9 +378,9 @@ def replay(trace: Path, verify: bool, tolerance: float | None, model_override: s
 
     with open_or_error(trace) as t:
         name = model_override or t.model["name"]
-        # A trace from elsewhere names any model id: say which, and from where, before loading.
-        origin = "--model" if model_override else "named by the trace"
-        click.echo(f"Loading   {name} ({origin}) from {describe_source(name)}", err=True)
+        if not model_override:  # a trace from elsewhere names any model: say which, from where
+            click.echo(f"Loading   {name} (named by the trace) from {describe_source(name)}",
+                       err=True)
         try:
             with _status(f"Loading {name}"):
                 lm, _ = load_model(name, device=device, dtype=dtype,
