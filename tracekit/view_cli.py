@@ -127,6 +127,9 @@ def render(trace: Path, output: Path, steps: str | None, step: int | None, layer
         out = render_mod.render_movie(trace, output, steps=steps, fps=fps, size=dims,
                                       panels=panels, **state)
     else:
+        if output.suffix.lower() not in render_mod.IMAGE_SUFFIXES:
+            raise click.ClickException(f"{output}: write a picture (.png, .jpg) or, with "
+                                       f"--steps, a movie (.gif, .mp4)")
         out = render_mod.render_frame(trace, output, size=dims, panels=panels, step=step,
                                       **state)
     click.echo(f"wrote {out}")

@@ -139,3 +139,12 @@ def test_an_empty_trace_renders_nothing_and_says_why(tmp_path, output):
     assert result.exit_code == 1
     assert result.output == "Error: the trace has no step recorded: nothing to show\n"
     assert not (tmp_path / output).exists()
+
+
+def test_render_refuses_an_output_that_is_no_picture(exact_trace, tmp_path):
+    out = tmp_path / "x.txt"
+    result = run("render", exact_trace, "-o", str(out))
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {out}: write a picture (.png, .jpg) or, with --steps, a "
+                             f"movie (.gif, .mp4)\n")
+    assert not out.exists()

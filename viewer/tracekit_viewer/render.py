@@ -22,6 +22,7 @@ __all__ = ["parse_head", "parse_size", "parse_steps", "render_frame", "render_mo
            "viewer_state"]
 
 MOVIE_SUFFIXES = (".gif", ".mp4")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def parse_size(text: str) -> tuple[int, int]:
