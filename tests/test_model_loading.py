@@ -51,6 +51,46 @@ def silent_hub(monkeypatch):
     server.close()
 
 
+@pytest.fixture
+def answering_hub(monkeypatch) -> str:
+    """A hub endpoint that answers every request as the hub does for a repository it does not
+    have (an online hub without the model)."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")  # as the hub says it
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)  # what the probe asks
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # what downloads ask
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    yield endpoint
+    server.shutdown()
+
+
+def test_an_answering_hub_is_used_and_a_made_up_id_is_not_found(answering_hub: str) -> None:
+    assert hub.hub_unreachable() is None
+    started = time.perf_counter()
+    with pytest.raises(RecorderError) as err:
+        load_model(MADE_UP, device="cpu")
+    assert time.perf_counter() - started < 5
+    assert str(err.value) == (f"cannot load model {MADE_UP!r}: no such model on "
+                              f"{answering_hub}, and no such local folder")
+
+
 def test_a_made_up_hub_id_fails_fast_offline(unreachable_hub: str) -> None:
     started = time.perf_counter()
     with pytest.raises(RecorderError) as err:

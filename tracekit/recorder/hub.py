@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["HUB_PROBE_TIMEOUT_S", "describe_source", "hub_unreachable", "is_local_folder"]
+__all__ = ["HUB_PROBE_TIMEOUT_S", "describe_source", "hub_cache", "hub_endpoint", "hub_unreachable",
+           "is_local_folder"]
 
 #: Seconds the hub has to answer the probe before it counts as unreachable.
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -60,6 +61,8 @@ def hub_unreachable(timeout: float | None = None) -> str | None:
     try:
         get_session().head(endpoint, timeout=timeout or HUB_PROBE_TIMEOUT_S,
                            follow_redirects=False)
+    except (TypeError, AttributeError):  # a bug here, not the network
+        raise
     except Exception as exc:  # DNS failure, refused, timed out, proxy error: all "offline"
         return f"{endpoint} did not answer: {type(exc).__name__}"
     return None

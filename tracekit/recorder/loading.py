@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .errors import RecorderError
-from .hub import hub_cache, hub_unreachable, is_local_folder
+from .hub import hub_cache, hub_endpoint, hub_unreachable, is_local_folder
 
 __all__ = ["DEMO_MODEL_NAME", "load_model", "resolve_model_path"]
 
@@ -139,7 +139,9 @@ def model_name_for(name_or_path: str | os.PathLike[str] | None) -> str:
 def _load_error(source: str, exc: BaseException) -> RecorderError:
     """One line for a model that would not load; the two refusals said in tracekit's terms."""
     text = str(exc)
-    if "custom code" in text or "trust_remote_code" in text:
+    if _caused_by(exc, "RepositoryNotFoundError"):
+        why = f"no such model on {hub_endpoint()}, and no such local folder"
+    elif "custom code" in text or "trust_remote_code" in text:
         why = ("it needs its own Python code, which runs only with --trust-remote-code "
                "(off by default)")
     elif "safetensors" in text and "no file named" in text:
@@ -148,6 +150,16 @@ def _load_error(source: str, exc: BaseException) -> RecorderError:
     else:
         why = _one_line(exc)
     return RecorderError(f"cannot load model {source!r}: {why}")
+
+
+def _caused_by(exc: BaseException | None, name: str) -> bool:
+    """Whether ``exc`` or an exception it was raised from is of the class ``name``."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if any(c.__name__ == name for c in type(exc).__mro__):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _one_line(exc: BaseException) -> str:
