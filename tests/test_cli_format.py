@@ -218,3 +218,16 @@ def test_to_xarray_without_xarray_says_what_to_install(tmp_path: Path, monkeypat
         t.to_xarray()
     assert str(err.value) == ("to_xarray() needs xarray: python -m pip install xarray (or the "
                               "tracekit[xarray] extra)")
+
+
+def test_an_empty_complete_trace_of_format_1_0_stays_valid(runner: CliRunner,
+                                                         tmp_path: Path) -> None:
+    """The rule that an empty trace is aborted came with format 1.1 (spec section 3)."""
+    path = tmp_path / "t.zarr"
+    tracekit.create(path, tracegen.small_plan()).close()
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["tracekit"].update(status="complete", version="1.0")
+    root.pop("consolidated_metadata", None)
+    (path / "zarr.json").write_text(json.dumps(root))
+    result = runner.invoke(main, ["validate", str(path)])
+    assert result.output == f"{path}: valid\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TraceError
-from .format import TracePlan
+from .format import TracePlan, parse_version
 from .reader import Trace
 from .schema import schema_errors
 from .storage import open_backend
@@ -91,7 +91,7 @@ def _check_arrays(trace: Trace) -> list[str]:
 def _check_tables(trace: Trace) -> list[str]:
     problems = []
     n, steps = trace.n_positions, trace.n_steps
-    if trace.complete and steps == 0:
+    if trace.complete and steps == 0 and parse_version(trace.metadata["version"]) >= (1, 1):
         problems.append("status complete but no step recorded (an empty trace is aborted)")
     elif trace.complete and trace.prompt_length > n:
         problems.append(f"prompt_length {trace.prompt_length} exceeds {n} positions")
