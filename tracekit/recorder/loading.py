@@ -97,11 +97,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         try:
             config = AutoConfig.from_pretrained(source, **common)
         except Exception as exc:
-            if offline:
-                raise RecorderError(
-                    f"cannot load model {source!r}: offline ({offline}), and it is not in the "
-                    f"Hugging Face cache {hub_cache()}") from None
-            raise _load_error(source, exc) from exc
+            raise _load_error(source, exc, offline) from exc
         cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
         # Weights only from safetensors: a pytorch_model.bin is a pickle, which can run code.
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **common}
@@ -114,7 +110,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         try:
             model = cls.from_pretrained(source, config=config, **kwargs)
         except Exception as exc:
-            raise _load_error(source, exc) from exc
+            raise _load_error(source, exc, offline) from exc
         if not spread:
             model.to(target)
         model.eval()
@@ -136,10 +132,13 @@ def model_name_for(name_or_path: str | os.PathLike[str] | None) -> str:
     return str(p.resolve()) if p.exists() else str(name_or_path)
 
 
-def _load_error(source: str, exc: BaseException) -> RecorderError:
-    """One line for a model that would not load; the two refusals said in tracekit's terms."""
+def _load_error(source: str, exc: BaseException, offline: str | None = None) -> RecorderError:
+    """One line for a model that would not load: the two refusals and the hub's answers said in
+    tracekit's terms. ``offline``: why the hub was not asked (files only from the cache)."""
     text = str(exc)
-    if _caused_by(exc, "RepositoryNotFoundError"):
+    if offline and (_caused_by(exc, "LocalEntryNotFoundError") or "cached files" in text):
+        why = f"offline ({offline}), and it is not in the Hugging Face cache {hub_cache()}"
+    elif _caused_by(exc, "RepositoryNotFoundError"):
         why = f"no such model on {hub_endpoint()}, and no such local folder"
     elif "custom code" in text or "trust_remote_code" in text:
         why = ("it needs its own Python code, which runs only with --trust-remote-code "
