@@ -157,3 +157,78 @@ def test_every_command_has_a_one_line_help(runner: CliRunner) -> None:
         assert first, f"{name} has no help"
         # shown whole in an 80-column terminal
         assert any(line.split() == [name, *first.split()] for line in lines), (name, first)
+
+
+def test_validate_names_the_path_once(runner: CliRunner, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.txt"
+    junk.write_text("not a trace")
+    result = runner.invoke(main, ["validate", str(junk)])
+    assert result.exit_code == 1
+    assert result.output == f"{junk}: neither a zarr v3 directory nor an HDF5 file\n"
+
+
+def test_convert_refuses_an_unknown_suffix_unless_format_is_given(runner: CliRunner,
+                                                                  tmp_path: Path) -> None:
+    src, _ = _trace(tmp_path, name="a.zarr")
+    dst = tmp_path / "b.txt"
+    result = runner.invoke(main, ["convert", str(src), str(dst)])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {dst}: a trace is named .zarr (a folder) or .h5/.hdf5 "
+                             f"(a file); or choose with --format zarr|hdf5\n")
+    assert not dst.exists()
+    assert runner.invoke(main, ["convert", "--format", "hdf5", str(src), str(dst)]).exit_code == 0
+    with tracekit.open(dst) as t:
+        assert t.format == "hdf5"
+
+
+@pytest.mark.parametrize("name", ["empty.zarr", "empty.h5"])
+@pytest.mark.parametrize("prompt_length", [0, 3])
+def test_an_empty_trace_is_aborted_and_valid(runner: CliRunner, tmp_path: Path, name: str,
+                                             prompt_length: int) -> None:
+    """A writer closed before its first step finalizes the trace as aborted (spec section 3),
+    whatever status it was asked for; validate accepts it and info says what it holds."""
+    path = tmp_path / name
+    tracekit.create(path, tracegen.small_plan(), prompt_length=prompt_length).close("complete")
+    with tracekit.open(path) as t:
+        assert (t.status, t.n_positions, t.n_steps) == ("aborted", 0, 0)
+    assert runner.invoke(main, ["validate", str(path)]).output == f"{path}: valid\n"
+    info = runner.invoke(main, ["info", str(path)]).output.splitlines()
+    assert info[1] == f"Status    aborted: 0 positions in 0 steps (prompt {prompt_length})"
+
+
+def test_a_complete_trace_without_a_step_is_invalid(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "t.zarr"
+    tracekit.create(path, tracegen.small_plan()).close()
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["tracekit"]["status"] = "complete"  # as a writer before 1.1 could
+    root.pop("consolidated_metadata", None)
+    (path / "zarr.json").write_text(json.dumps(root))
+    result = runner.invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"{path}: status complete but no step recorded (an empty trace is aborted)\n")
+
+
+def test_to_xarray_without_xarray_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    path, _ = _trace(tmp_path)
+    monkeypatch.setitem(sys.modules, "xarray", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "tracekit._xarray", raising=False)
+    with tracekit.open(path) as t, pytest.raises(ModuleNotFoundError) as err:
+        t.to_xarray()
+    assert str(err.value) == ("to_xarray() needs xarray: python -m pip install xarray (or the "
+                              "tracekit[xarray] extra)")
+
+
+def test_an_empty_complete_trace_of_format_1_0_stays_valid(runner: CliRunner,
+                                                         tmp_path: Path) -> None:
+    """The rule that an empty trace is aborted came with format 1.1 (spec section 3)."""
+    path = tmp_path / "t.zarr"
+    tracekit.create(path, tracegen.small_plan()).close()
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["tracekit"].update(status="complete", version="1.0")
+    root.pop("consolidated_metadata", None)
+    (path / "zarr.json").write_text(json.dumps(root))
+    result = runner.invoke(main, ["validate", str(path)])
+    assert result.output == f"{path}: valid\n"

@@ -62,8 +62,20 @@ def test_format_follows_the_suffix_unless_given(model_dir: Path, tmp_path: Path)
     assert run("record", model_dir, "-p", PROMPT, "-o", tmp_path / "b.trace", "-n", "1",
                "--format", "hdf5").exit_code == 0
     assert (tmp_path / "b.trace").is_file()
-    assert run("record", model_dir, "-p", PROMPT, "-o", tmp_path / "c", "-n", "1").exit_code == 0
+    assert run("record", model_dir, "-p", PROMPT, "-o", tmp_path / "c", "-n", "1",
+               "--format", "zarr").exit_code == 0
     assert (tmp_path / "c" / "zarr.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["x.txt", "trace", "t.zip"])
+def test_an_unknown_suffix_is_refused_without_format(model_dir: Path, tmp_path: Path,
+                                                      name: str) -> None:
+    out = tmp_path / name
+    result = run("record", model_dir, "-p", PROMPT, "-o", out, "-n", "1")
+    assert result.exit_code == 1
+    assert result.stderr == (f"Error: {out}: a trace is named .zarr (a folder) or .h5/.hdf5 "
+                             f"(a file); or choose with --format zarr|hdf5\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_options_reach_the_trace(model_dir: Path, tmp_path: Path) -> None:
@@ -197,4 +209,48 @@ def test_ctrl_c_keeps_what_was_recorded(model_dir: Path, tmp_path: Path, monkeyp
     with tracekit.open(out) as t:
         assert t.status == "aborted" and t.n_steps == 3
         assert result.stderr == (f"Interrupted: {out} keeps the {t.n_positions} positions "
-                                 f"recorded so far (status aborted)\n")
+                                 f"of 3 steps recorded so far (status aborted)\n")
+
+
+def test_ctrl_c_before_the_trace_exists_says_nothing_was_written(
+        model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import tracekit.recorder.recording as recording
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the trace is being laid out
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recording, "create_trace", interrupted)
+    out = tmp_path / "t.zarr"
+    result = run("record", model_dir, "-p", PROMPT, "-o", out, "-n", "10")
+    assert result.exit_code == 130
+    assert result.stderr == f"Interrupted before {out} was created: nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_loading_the_model(tmp_path: Path, monkeypatch) -> None:
+    import tracekit.recorder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracekit.recorder, "load_model", interrupted)
+    result = run("record", "-p", PROMPT, "-o", tmp_path / "t.zarr")
+    assert result.exit_code == 130
+    assert result.stderr == "Interrupted while loading the model: nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_before_the_first_step_leaves_an_empty_aborted_trace(
+        model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from tracekit.recorder.capture import Capture
+
+    def interrupted(self):  # Ctrl-C during the prompt's forward pass
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Capture, "take", interrupted)
+    out = tmp_path / "t.h5"
+    result = run("record", model_dir, "-p", PROMPT, "-o", out, "-n", "10")
+    assert result.exit_code == 130
+    assert result.stderr == f"Interrupted: {out} holds no position yet (status aborted)\n"
+    with tracekit.open(out) as t:
+        assert (t.status, t.n_positions, t.n_steps) == ("aborted", 0, 0)

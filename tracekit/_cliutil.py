@@ -23,6 +23,23 @@ class TraceCommand(click.Command):
                 f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
 
 
+#: Output names a new trace may have when no --format is given, and the format each gets.
+TRACE_SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+
+def output_format(out: Path, fmt: str | None) -> str:
+    """The format of a new trace at ``out``: ``fmt`` when given, else from the suffix. Any
+    other suffix is refused, so ``-o x.txt`` does not silently make a zarr folder named x.txt."""
+    if fmt is not None:
+        return fmt
+    found = TRACE_SUFFIXES.get(out.suffix.lower())
+    if found is None:
+        raise click.ClickException(
+            f"{out}: a trace is named .zarr (a folder) or .h5/.hdf5 (a file); "
+            f"or choose with --format zarr|hdf5")
+    return found
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KB' (decimal units, as disks are sold)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):

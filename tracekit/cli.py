@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from . import __version__
-from ._cliutil import TraceCommand, disk_usage, human_bytes, index_ranges
+from ._cliutil import TraceCommand, disk_usage, human_bytes, index_ranges, output_format
 
 
 @contextmanager
@@ -124,12 +124,13 @@ def validate(trace: Path, quick: bool) -> None:
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]),
-              help="Destination format (default: from DST's suffix, else the other one).")
+              help="Destination format [default: from DST's suffix, .zarr or .h5/.hdf5].")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def convert(src: Path, dst: Path, fmt: str | None, force: bool) -> None:
     """Convert a trace between zarr and HDF5, bit-exact."""
     from .convert import convert as run_convert
 
+    fmt = output_format(dst, fmt)
     with progress_bar("converting") as update:
         out = run_convert(src, dst, format=fmt, overwrite=force, progress=update)
     click.echo(f"wrote {out} ({human_bytes(disk_usage(out))})")

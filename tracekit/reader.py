@@ -433,8 +433,13 @@ class Trace:
 
     def to_xarray(self):  # -> xarray.Dataset
         """A lazy xarray Dataset with named dimensions and coordinates (needs xarray)."""
-        from ._xarray import trace_to_dataset
-
+        try:
+            from ._xarray import trace_to_dataset
+        except ModuleNotFoundError as exc:
+            if exc.name != "xarray":
+                raise
+            raise ModuleNotFoundError("to_xarray() needs xarray: python -m pip install xarray "
+                                      "(or the tracekit[xarray] extra)", name="xarray") from None
         return trace_to_dataset(self)
 
     def close(self) -> None:

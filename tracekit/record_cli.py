@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from ._cliutil import TraceCommand, human_bytes, index_ranges
+from ._cliutil import TraceCommand, human_bytes, index_ranges, output_format
 from .format import CAPTURE_GROUPS
 
 __all__ = ["parse_capture", "parse_layers", "parse_size", "record", "replay"]
@@ -177,6 +177,7 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
     groups = parse_capture(capture_text or "default")
     layers = parse_layers(layers_text)
     max_size = parse_size(max_size_text) if max_size_text else None
+    fmt = output_format(out, fmt)
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists (pass --force to overwrite)")
 
@@ -186,10 +187,15 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
 
     limit_heap_fragmentation()  # flat memory while attention rows grow step by step
 
-    with _status(f"Loading {model or 'the demo model'}"):
-        lm, tokenizer = load_model(model, device=device, dtype=dtype,
-                                   attn_implementation="eager" if "attention" in groups else None,
-                                   trust_remote_code=trust_remote_code)
+    try:
+        with _status(f"Loading {model or 'the demo model'}"):
+            lm, tokenizer = load_model(
+                model, device=device, dtype=dtype,
+                attn_implementation="eager" if "attention" in groups else None,
+                trust_remote_code=trust_remote_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted while loading the model: nothing was written", err=True)
+        raise SystemExit(130) from None
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     from .recorder import discover_structure
 
@@ -210,7 +216,6 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
                     store_dtype=store_dtype, stop_at_eos=not ignore_eos,
                     name=model_name_for(model), structure=structure)
     rec.skipped.update(skipped)
-    fmt = fmt or ("hdf5" if out.suffix.lower() in (".h5", ".hdf5") else "zarr")
     _print_plan(rec, fmt)
     estimate = rec.estimated_bytes
     if max_size is not None and estimate > max_size:
@@ -222,23 +227,36 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
     if free is not None and estimate > free:
         click.echo(f"Warning   only {human_bytes(free)} free where {out} goes", err=True)
 
-    last: dict[str, Any] = {"positions": 0}
     try:
         with _progress(rec.plan.max_positions) as update:
-            def on_step(info: Any) -> None:
-                last["positions"] = info.positions
-                update(info)
-
-            result = rec.run(out, format=fmt, overwrite=force, on_step=on_step)
+            result = rec.run(out, format=fmt, overwrite=force, on_step=update)
     except KeyboardInterrupt:
-        click.echo(f"Interrupted: {out} keeps the {last['positions']} positions recorded so far "
-                   f"(status aborted)", err=True)
+        click.echo(interrupted_message(out), err=True)
         raise SystemExit(130) from None
     if rec.kind == "causal":
         click.echo(f"Generated {result.generated_text!r}")
     click.echo(f"Trace     {out} ({result.status}: {result.positions} positions, "
                f"{human_bytes(result.bytes_written)} written, "
                f"{result.tokens_per_second:.1f} tokens/s)")
+
+
+def interrupted_message(out: Path) -> str:
+    """What a Ctrl-C left behind, read back from ``out`` itself (the trace appears there only
+    once it is laid out, so an early Ctrl-C leaves nothing)."""
+    if not out.exists():
+        return f"Interrupted before {out} was created: nothing was written"
+    from .errors import TraceError
+    from .reader import open_or_error
+
+    try:
+        with open_or_error(out) as t:
+            positions, steps, status = t.n_positions, t.n_steps, t.status
+    except TraceError as exc:
+        return f"Interrupted: {out} cannot be opened ({exc})"
+    if positions == 0:
+        return f"Interrupted: {out} holds no position yet (status {status})"
+    return (f"Interrupted: {out} keeps the {positions} positions of {steps} steps recorded so "
+            f"far (status {status})")
 
 
 def _print_plan(rec: Any, fmt: str) -> None:
@@ -355,14 +373,25 @@ def replay(trace: Path, verify: bool, tolerance: float | None, model_override: s
     """Re-run a trace's model on its tokens; report deviations."""
     from .reader import open_or_error
     from .recorder import load_model, verify_trace
+    from .recorder.errors import RecorderError
+    from .recorder.hub import describe_source
 
     with open_or_error(trace) as t:
         name = model_override or t.model["name"]
-        with _status(f"Loading {name}"):
-            lm, _ = load_model(name, device=device, dtype=dtype,
-                               attn_implementation="eager" if "attention" in t.captured
-                               else None, trust_remote_code=trust_remote_code,
-                               load_tokenizer=False)
+        if not model_override:  # a trace from elsewhere names any model: say which, from where
+            click.echo(f"Loading   {name} (named by the trace) from {describe_source(name)}",
+                       err=True)
+        try:
+            with _status(f"Loading {name}"):
+                lm, _ = load_model(name, device=device, dtype=dtype,
+                                   attn_implementation="eager" if "attention" in t.captured
+                                   else None, trust_remote_code=trust_remote_code,
+                                   load_tokenizer=False)
+        except RecorderError as exc:
+            if model_override:
+                raise
+            raise RecorderError(f"{exc}; the trace names this model: pass --model PATH to "
+                                f"load it from a local folder") from None
         run_dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
         where = str(next(lm.parameters()).device)
         report = verify_trace(t, lm, tolerance=tolerance)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TraceError
-from .format import TracePlan
+from .format import TracePlan, parse_version
 from .reader import Trace
 from .schema import schema_errors
 from .storage import open_backend
@@ -27,7 +27,13 @@ Progress = Callable[[int, int], None]
 
 def validate(path: str | os.PathLike[str], *, quick: bool = False,
              progress: Progress | None = None) -> list[str]:
-    """Problems found in the trace at ``path`` (empty when it is valid)."""
+    """Problems found in the trace at ``path`` (empty when it is valid), each a sentence about
+    the trace that does not repeat its path (the CLI prints it once, before each)."""
+    prefix = f"{path}: "
+    return [p.removeprefix(prefix) for p in _problems(path, quick, progress)]
+
+
+def _problems(path: str | os.PathLike[str], quick: bool, progress: Progress | None) -> list[str]:
     try:
         backend = open_backend(Path(path))
     except TraceError as exc:
@@ -85,7 +91,9 @@ def _check_arrays(trace: Trace) -> list[str]:
 def _check_tables(trace: Trace) -> list[str]:
     problems = []
     n, steps = trace.n_positions, trace.n_steps
-    if trace.complete and trace.prompt_length > n:
+    if trace.complete and steps == 0 and parse_version(trace.metadata["version"]) >= (1, 1):
+        problems.append("status complete but no step recorded (an empty trace is aborted)")
+    elif trace.complete and trace.prompt_length > n:
         problems.append(f"prompt_length {trace.prompt_length} exceeds {n} positions")
     starts = trace["step_start"][:]
     counts = trace["step_positions"][:]

@@ -106,10 +106,13 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
               help="Frames (steps) per second of a movie.")
 @click.option("--panels/--no-panels", default=True, show_default=True,
               help="Draw the linked layer, attention and token views beside the city.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def render(trace: Path, output: Path, steps: str | None, step: int | None, layer: int | None,
            head: str, token: int | None, view_name: str, metric: str, top_k: int,
-           threshold: float, size: str, fps: float, panels: bool) -> None:
+           threshold: float, size: str, fps: float, panels: bool, force: bool) -> None:
     """Render a trace headless to a PNG, or --steps to a GIF/MP4."""
+    if output.exists() and not force:  # the rule of every command that writes a file
+        raise click.ClickException(f"{output} already exists (pass --force to overwrite)")
     render_mod = _viewer_module("render")
     dims = render_mod.parse_size(size)
     state = dict(layer=layer, head=head, token=token, view=view_name, metric=metric,
@@ -124,6 +127,9 @@ def render(trace: Path, output: Path, steps: str | None, step: int | None, layer
         out = render_mod.render_movie(trace, output, steps=steps, fps=fps, size=dims,
                                       panels=panels, **state)
     else:
+        if output.suffix.lower() not in render_mod.IMAGE_SUFFIXES:
+            raise click.ClickException(f"{output}: write a picture (.png, .jpg) or, with "
+                                       f"--steps, a movie (.gif, .mp4)")
         out = render_mod.render_frame(trace, output, size=dims, panels=panels, step=step,
                                       **state)
     click.echo(f"wrote {out}")

@@ -189,6 +189,7 @@ class TraceWriter:
         self._next_position = 0
         self._next_step = 0
         self._closed = False
+        self.status = "recording"  #: the status in the metadata: final once closed
         # Worker-side state.
         self._committed = (0, 0)
         self._bytes_written = 0
@@ -315,9 +316,11 @@ class TraceWriter:
     def close(self, status: str = "complete") -> None:
         """Commit what is queued, trim the arrays, write the final metadata and close.
 
-        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C). If the writer thread
-        failed, the trace is closed as ``aborted`` with its committed data, and the error is
-        raised as a WriterError.
+        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C). A trace without a step,
+        or without all of its ``prompt_length`` positions, is closed ``aborted`` whatever
+        ``status`` says (spec section 3). If the writer thread failed, the trace is closed as
+        ``aborted`` with its committed data, and the error is raised as a WriterError. The
+        status written is :attr:`status` afterwards.
         """
         if self._closed:
             return
@@ -538,6 +541,9 @@ class TraceWriter:
 
     def _finalize(self, status: str) -> None:
         positions, steps = self._committed
+        if steps == 0 or positions < self._meta["prompt_length"]:
+            status = "aborted"  # nothing, or not even the prompt, was recorded
+        self.status = status
         trim_to([*self._arrays.values(), *self._coords.values()], positions, steps)
         self._backend.flush()
         self._backend.end_streaming()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import RecorderError
+from .hub import hub_cache, hub_endpoint, hub_unreachable, is_local_folder
 
 __all__ = ["DEMO_MODEL_NAME", "load_model", "resolve_model_path"]
 
@@ -67,7 +68,9 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
 
     ``device="auto"`` spreads the model over every visible GPU (``device_map="auto"``, needs
     accelerate) or uses the CPU. ``dtype="auto"`` is float32 on the CPU and the checkpoint's
-    dtype on a GPU. Remote code runs only with ``trust_remote_code=True``.
+    dtype on a GPU. Remote code runs only with ``trust_remote_code=True``; weights load only
+    from safetensors files. A hub id comes from the local cache alone when the hub does not
+    answer (offline), and fails at once when it is not cached.
     """
     try:
         import transformers
@@ -76,22 +79,28 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         raise RecorderError("recording needs torch and transformers: pip install "
                             "'tracekit[record]'") from exc
     source = resolve_model_path(name_or_path)
-    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
+    local = is_local_folder(source)
+    if local and not Path(source).expanduser().is_dir():
         raise RecorderError(f"no model folder at {source}")
+    # A hub id is looked up in the local cache only when the hub does not answer (see .hub).
+    offline = None if local else hub_unreachable()
     target = pick_device(device)
     if dtype != "auto" and dtype not in _DTYPES:
         raise RecorderError(f"--dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
     torch_dtype: Any = _DTYPES.get(dtype)
     if torch_dtype is None:
         torch_dtype = "auto" if target.startswith("cuda") else torch.float32
-    common = {"trust_remote_code": trust_remote_code, "revision": revision}
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if offline:
+        common["local_files_only"] = True
     with _quiet(transformers):
         try:
             config = AutoConfig.from_pretrained(source, **common)
         except Exception as exc:
-            raise RecorderError(f"cannot load model {source!r}: {_one_line(exc)}") from exc
+            raise _load_error(source, exc, offline) from exc
         cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, **common}
+        # Weights only from safetensors: a pytorch_model.bin is a pickle, which can run code.
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **common}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         spread = target == "cuda" and torch.cuda.device_count() > 1 and \
@@ -101,7 +110,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         try:
             model = cls.from_pretrained(source, config=config, **kwargs)
         except Exception as exc:
-            raise RecorderError(f"cannot load model {source!r}: {_one_line(exc)}") from exc
+            raise _load_error(source, exc, offline) from exc
         if not spread:
             model.to(target)
         model.eval()
@@ -121,6 +130,35 @@ def model_name_for(name_or_path: str | os.PathLike[str] | None) -> str:
         return DEMO_MODEL_NAME
     p = Path(name_or_path)
     return str(p.resolve()) if p.exists() else str(name_or_path)
+
+
+def _load_error(source: str, exc: BaseException, offline: str | None = None) -> RecorderError:
+    """One line for a model that would not load: the two refusals and the hub's answers said in
+    tracekit's terms. ``offline``: why the hub was not asked (files only from the cache)."""
+    text = str(exc)
+    if offline and (_caused_by(exc, "LocalEntryNotFoundError") or "cached files" in text):
+        why = f"offline ({offline}), and it is not in the Hugging Face cache {hub_cache()}"
+    elif _caused_by(exc, "RepositoryNotFoundError"):
+        why = f"no such model on {hub_endpoint()}, and no such local folder"
+    elif "custom code" in text or "trust_remote_code" in text:
+        why = ("it needs its own Python code, which runs only with --trust-remote-code "
+               "(off by default)")
+    elif "safetensors" in text and "no file named" in text:
+        why = ("it has no safetensors weights; weights in pickle files (.bin, .pt) are never "
+               "loaded, since unpickling can run code")
+    else:
+        why = _one_line(exc)
+    return RecorderError(f"cannot load model {source!r}: {why}")
+
+
+def _caused_by(exc: BaseException | None, name: str) -> bool:
+    """Whether ``exc`` or an exception it was raised from is of the class ``name``."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if any(c.__name__ == name for c in type(exc).__mro__):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _one_line(exc: BaseException) -> str:

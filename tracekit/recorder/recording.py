@@ -343,7 +343,7 @@ class Recording:
         new = ids[len(self.prompt_ids):]
         text = self.tokenizer.decode(new) if self.tokenizer is not None and new else ""
         return RecordResult(
-            path=writer.path, status=status, positions=writer.committed_positions,
+            path=writer.path, status=writer.status, positions=writer.committed_positions,
             steps=steps, prompt_length=len(self.prompt_ids), token_ids=ids,
             generated_text=text, bytes_written=writer.bytes_written, seconds=seconds,
             attn_implementation=impl, plan=self.plan)

@@ -110,3 +110,41 @@ def test_view_without_a_display_points_to_render(exact_trace, monkeypatch):
     assert result.exit_code == 1
     assert result.output == ("Error: no display to open a window on (DISPLAY is not set); "
                              "write pictures with tracekit render instead\n")
+
+
+def test_render_refuses_an_existing_output_unless_forced(exact_trace, tmp_path):
+    out = tmp_path / "frame.png"
+    out.write_bytes(b"keep me")
+    result = run("render", exact_trace, "--size", "120x90", "-o", str(out))
+    assert result.exit_code == 1
+    assert result.output == f"Error: {out} already exists (pass --force to overwrite)\n"
+    assert out.read_bytes() == b"keep me"
+    result = run("render", exact_trace, "--size", "120x90", "--force", "-o", str(out))
+    assert result.output == f"wrote {out}\n"
+    assert iio.imread(out).shape[:2] == (90, 120)
+
+
+@pytest.mark.parametrize("output", ["frame.png", "movie.gif"])
+def test_an_empty_trace_renders_nothing_and_says_why(tmp_path, output):
+    from tracekit_viewer.synthetic import write_synthetic_trace
+
+    import tracekit
+
+    full = write_synthetic_trace(tmp_path / "full.zarr", n_positions=4)
+    with tracekit.open(full) as t:
+        plan = t.plan
+    empty = tmp_path / "empty.zarr"
+    tracekit.create(empty, plan, prompt_length=2).close()
+    result = run("render", str(empty), "-o", str(tmp_path / output))
+    assert result.exit_code == 1
+    assert result.output == "Error: the trace has no step recorded: nothing to show\n"
+    assert not (tmp_path / output).exists()
+
+
+def test_render_refuses_an_output_that_is_no_picture(exact_trace, tmp_path):
+    out = tmp_path / "x.txt"
+    result = run("render", exact_trace, "-o", str(out))
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {out}: write a picture (.png, .jpg) or, with --steps, a "
+                             f"movie (.gif, .mp4)\n")
+    assert not out.exists()

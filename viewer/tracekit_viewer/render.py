@@ -22,6 +22,7 @@ __all__ = ["parse_head", "parse_size", "parse_steps", "render_frame", "render_mo
            "viewer_state"]
 
 MOVIE_SUFFIXES = (".gif", ".mp4")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -50,6 +51,10 @@ def parse_head(text: str | int | None) -> str | int:
         raise ValueError(f"head must be 'mean', 'max' or a head index, not {text!r}") from None
 
 
+#: What a trace closed before its first step (the spec's empty trace) gets instead of a picture.
+NO_STEPS = "the trace has no step recorded: nothing to show"
+
+
 def parse_steps(text: str, n_steps: int) -> range:
     """Python-style ``A:B`` (B excluded; either may be empty or negative) over the steps."""
     if ":" not in text:
@@ -59,6 +64,8 @@ def parse_steps(text: str, n_steps: int) -> range:
         sl = slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
     except ValueError:
         raise ValueError(f"steps must look like A:B with integers, not {text!r}") from None
+    if n_steps == 0:
+        raise ValueError(NO_STEPS)
     steps = range(*sl.indices(n_steps))
     if len(steps) == 0:
         raise ValueError(f"steps {text!r} select no step of the {n_steps} in the trace")
@@ -72,6 +79,8 @@ def viewer_state(source: Any, *, step: int | None = None, layer: int | None = No
     """A :class:`ViewState` from command-line terms: ``layer`` is a model layer number,
     ``step`` may count from the end when negative (default: the last step)."""
     n = source.n_steps
+    if n == 0:
+        raise ValueError(NO_STEPS)
     if step is None:
         step = n - 1
     elif step < 0:
