@@ -41,6 +41,7 @@ from . import (
     read_rows_direct,
     split_rows_key,
 )
+from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, trailer
 
 ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
@@ -124,11 +125,35 @@ _BOUNDED_CODECS = {f"codecs.{key}": f"{cls.__module__}.{cls.__qualname__}" for k
     ("gzip", _BoundedGzipCodec), ("zstd", _BoundedZstdCodec), ("blosc", _BoundedBloscCodec))}
 
 
-def _raw_writable(meta: dict[str, Any]) -> bool:
-    """True when chunks are raw little-endian C-order bytes whole along every axis but the
-    first and the last (attention's key axis is chunked too): tracekit writes rows of such
-    arrays into the chunk files itself."""
+class _UncheckedCrc32cCodec(zarr.codecs.Crc32cCodec):
+    """Strips the checksum without checking it: for the chunks a trace still being recorded
+    may hold with a stale checksum (past its committed rows), and for nothing else."""
+
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        data = chunk_bytes.as_numpy_array()[:-CHUNK_CHECKSUM_BYTES]
+        return chunk_spec.prototype.buffer.from_array_like(data)
+
+
+zarr.registry.register_codec("crc32c", zarr.codecs.Crc32cCodec)  # zarr's own stays the default
+zarr.registry.register_codec("crc32c", _UncheckedCrc32cCodec)
+_UNCHECKED_CODECS = {**_BOUNDED_CODECS, "codecs.crc32c": f"{__name__}._UncheckedCrc32cCodec"}
+_CHECKED_CODECS = {**_BOUNDED_CODECS, "codecs.crc32c": "zarr.codecs.crc32c_.Crc32cCodec"}
+
+
+def _has_crc32c(meta: dict[str, Any]) -> bool:
+    """Whether chunks end with zarr's crc32c checksum (the last codec)."""
     codecs = meta.get("codecs")
+    return (isinstance(codecs, list) and len(codecs) >= 2 and isinstance(codecs[-1], dict)
+            and codecs[-1].get("name") == "crc32c")
+
+
+def _raw_writable(meta: dict[str, Any]) -> bool:
+    """True when chunks are raw little-endian C-order bytes (then their crc32c, if any) whole
+    along every axis but the first and the last (attention's key axis is chunked too):
+    tracekit writes rows of such arrays into the chunk files itself."""
+    codecs = meta.get("codecs")
+    if isinstance(codecs, list) and _has_crc32c(meta):
+        codecs = codecs[:-1]
     if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
         return False
     codec = codecs[0]
@@ -171,9 +196,11 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
                    dims: tuple[str, ...], attrs: dict[str, Any],
-                   compression: str | None, separator: str = ".") -> dict[str, Any]:
+                   compression: str | None, separator: str = ".",
+                   checksum: bool = True) -> dict[str, Any]:
     """The zarr v3 ``zarr.json`` of a regular-grid array with fill value 0, the document
     zarr-python writes for the same array (tests check that zarr and xarray open it).
+    ``checksum``: end every chunk with its CRC-32C (the ``crc32c`` codec, format 1.1).
 
     Chunk keys use ``separator``: "." keeps an array's chunks as files of its one folder;
     with zarr's default "/" every new chunk along positions needs new directories, which
@@ -188,6 +215,8 @@ def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, .
         codecs.append({"name": "gzip", "configuration": {"level": 1}})
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}")
+    if checksum:
+        codecs.append({"name": "crc32c"})
     fill: Any = False if dtype.kind == "b" else (0.0 if dtype.kind == "f" else 0)
     return {
         "shape": [int(n) for n in shape],
@@ -268,6 +297,15 @@ class ZarrArray(StoredArray):
         self._direct_rows = _direct_readable(meta)
         self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
+        self.checksum = "crc32c" if _has_crc32c(meta) else None
+        self._zarr_unchecked: zarr.Array | None = None
+        chunks = self.chunks
+        row_bytes = math.prod(chunks[1:]) * self.dtype.itemsize
+        self._verifier = ChunkVerifier(name, self.checksum, chunks[0] if chunks else 1,
+                                       (chunks[0] if chunks else 1) * row_bytes,
+                                       lambda ci: self._chunk_path(ci).name)
+        self._crc = RunningCrc()  # writers: CRC of each chunk's rows written so far
+        self._stale: set[tuple[int, int]] = set()  # chunks whose checksum a failed write left
 
     def relocate(self, folder: Path, store: Any) -> None:
         """The trace was moved (from its temporary name to its final one)."""
@@ -276,18 +314,21 @@ class ZarrArray(StoredArray):
         self._zarr = None
         self._made_dirs = set()
 
+    def _open_zarr(self, codecs: dict[str, str]) -> zarr.Array:
+        try:
+            with zarr.config.set(codecs):
+                arr = zarr.open_array(store=self._store, path=self.name,
+                                      mode="r+" if self._writable else "r")
+            # Store every written chunk, zeros included, so a missing chunk means data
+            # loss (zarr would otherwise skip all-zero chunks and read them as fill value).
+            return arr.with_config({"write_empty_chunks": True})
+        except Exception as exc:
+            raise CorruptTraceError(f"array {self.name!r}: cannot open ({exc})") from exc
+
     @property
     def _arr(self) -> zarr.Array:
         if self._zarr is None:
-            try:
-                with zarr.config.set(_BOUNDED_CODECS):
-                    arr = zarr.open_array(store=self._store, path=self.name,
-                                          mode="r+" if self._writable else "r")
-                # Store every written chunk, zeros included, so a missing chunk means data
-                # loss (zarr would otherwise skip all-zero chunks and read them as fill value).
-                self._zarr = arr.with_config({"write_empty_chunks": True})
-            except Exception as exc:
-                raise CorruptTraceError(f"array {self.name!r}: cannot open ({exc})") from exc
+            self._zarr = self._open_zarr(_CHECKED_CODECS)
         return self._zarr
 
     def _locate(self, ci: int):
@@ -297,6 +338,67 @@ class ZarrArray(StoredArray):
             return None
         self._open_fds.append(fd)
         return fd, 0, os.fstat(fd).st_size
+
+    def verify_below(self, rows: int | None) -> None:
+        self._verifier.bound = rows
+
+    def _stored_chunks(self, rows: int | None = None):
+        """(label, path) of every chunk file within ``rows`` of the first axis (all: None)."""
+        counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
+        if rows is not None and counts:
+            counts[0] = min(counts[0], math.ceil(rows / self.chunks[0]))
+        for idx in itertools.product(*(range(n) for n in counts)):
+            path = self._folder / chunk_key(self._meta, idx)
+            if path.is_file():
+                yield idx, path
+
+    def verify_chunks(self, rows: int | None = None) -> list[str]:
+        if not self.checksum:
+            return []
+        problems = []
+        check = ChunkVerifier(self.name, self.checksum, 1, 0,
+                              lambda idx: chunk_key(self._meta, idx))
+        for idx, path in self._stored_chunks(rows):
+            try:
+                check.check_bytes(idx, np.fromfile(path, dtype=np.uint8))
+            except CorruptTraceError as exc:
+                problems.append(str(exc))
+            except OSError as exc:
+                problems.append(f"array {self.name!r}: chunk {path.name} unreadable ({exc})")
+        return problems
+
+    def _read_zarr(self, key: tuple) -> np.ndarray:
+        """Read through zarr-python (which checks every chunk's crc32c), with a chunk-level
+        diagnosis when that fails. Rows in chunks past the verified bound (a trace still being
+        recorded) are read without checking theirs."""
+        edge = self._verifier.checked_rows() if self.checksum else None
+        split = split_rows_key(key, self.shape) if edge is not None else None
+        if split is not None and split[1] > edge:  # type: ignore[operator]
+            start, stop, rest, drop = split
+            parts = []
+            if start < edge:  # type: ignore[operator]
+                parts.append(self._read_zarr((slice(start, edge), *rest)))
+            if self._zarr_unchecked is None:
+                self._zarr_unchecked = self._open_zarr(_UNCHECKED_CODECS)
+            lo = max(start, edge)  # type: ignore[type-var]
+            parts.append(self._read_with(self._zarr_unchecked, (slice(lo, stop), *rest)))
+            rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            return rows[0] if drop else rows
+        try:
+            return self._read_with(self._arr, key)
+        except CorruptTraceError:
+            if self.checksum:  # name the chunk that fails its checksum, if one does
+                split = split_rows_key(key, self.shape)
+                lead = None if split is None else split[1]
+                for problem in self.verify_chunks(lead):
+                    raise CorruptTraceError(problem) from None
+            raise
+
+    def _read_with(self, arr: zarr.Array, key: tuple) -> np.ndarray:
+        try:
+            return np.asarray(arr[key])
+        except Exception as exc:  # codecs fail in many ways (gzip: EOFError, ...)
+            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -321,17 +423,14 @@ class ZarrArray(StoredArray):
             self._open_fds: list[int] = []
             try:
                 rows = read_rows_direct(self.name, self._locate, start, stop, self.chunks[0],
-                                        self.shape[1:], self.dtype)
+                                        self.shape[1:], self.dtype, self._verifier)
             except OSError as exc:
                 raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
             finally:
                 for fd in self._open_fds:
                     os.close(fd)
             return rows[0][rest] if drop else rows[(slice(None), *rest)]
-        try:
-            return np.asarray(self._arr[key])
-        except Exception as exc:  # codecs fail in many ways (gzip: EOFError, ...)
-            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+        return self._read_zarr(key)
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
         rows = full_rows(key, value, self.shape) if self._raw_rows else None
@@ -375,7 +474,7 @@ class ZarrArray(StoredArray):
         if not keyed:
             row_bytes = math.prod(shape[1:]) * dtype.itemsize
             for ci, lo, _hi, parts in chunk_parts(start, data, c):
-                views = [memoryview(part.reshape(-1).view(np.uint8)) for part in parts]
+                views = [part.reshape(-1).view(np.uint8) for part in parts]
                 self._pwrite_chunk(ci, views, (lo - ci * c) * row_bytes, c * row_bytes)
             return
         k = chunks[-1]
@@ -390,7 +489,7 @@ class ZarrArray(StoredArray):
                     piece = part[..., kj * k: (kj + 1) * k]
                     seg[row: row + len(part), ..., : piece.shape[-1]] = piece
                     row += len(part)
-                self._pwrite_chunk(ci, [memoryview(seg.reshape(-1).view(np.uint8))],
+                self._pwrite_chunk(ci, [seg.reshape(-1).view(np.uint8)],
                                    (lo - ci * c) * row_bytes, c * row_bytes, kj)
 
     def _chunk_path(self, ci: int, last: int = 0) -> Path:
@@ -400,38 +499,79 @@ class ZarrArray(StoredArray):
             tail[-1] = last
         return self._folder / chunk_key(self._meta, [ci, *tail])
 
-    def _pwrite_chunk(self, ci: int, views: list[memoryview], offset: int,
+    def _pwrite_chunk(self, ci: int, views: list[np.ndarray], offset: int,
                       chunk_bytes: int, last: int = 0) -> None:
+        """Write ``views`` (uint8) at ``offset`` of a chunk file, then the chunk's crc32c:
+        the CRC of the rows written so far extended over the zero tail, so the stored
+        checksum is right once this returns (before the commit counter is written). A chunk
+        whose write fails half-way is remembered and its checksum rewritten at the end."""
+        key = (ci, last)
         path = self._chunk_path(ci, last)
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        tail = CHUNK_CHECKSUM_BYTES if self.checksum else 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
                 # A new chunk gets its full length (zeros, the fill value) before any row is
                 # written, so it is never short; its blocks allocated at once where the file
                 # system can (steadily fast writes, see ``allocate``).
-                if not allocate(fd, 0, chunk_bytes):
-                    os.ftruncate(fd, chunk_bytes)
-            elif size != chunk_bytes:
+                self._crc.start(key)
+                if not allocate(fd, 0, chunk_bytes + tail):
+                    os.ftruncate(fd, chunk_bytes + tail)
+            elif size != chunk_bytes + tail:
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
-                                        f"expected {chunk_bytes}")
-            # pwritev takes at most IOV_MAX buffers and may write less than asked.
+                                        f"expected {chunk_bytes + tail}")
             pending = [v for v in views if len(v)]
-            while pending:
-                batch = pending[:512]
-                done = os.pwritev(fd, batch, offset)
-                offset += done
-                while batch and done >= len(batch[0]):
-                    done -= len(batch[0])
-                    batch.pop(0)
-                    pending.pop(0)
-                if done:
-                    pending[0] = pending[0][done:]
+            self._stale.add(key)
+            fast = tail and self._crc.follows(key, offset)
+            if fast:  # the checksum before the write: one pwritev when it ends the chunk
+                self._crc.extend(key, offset, pending)
+                crc = trailer(self._crc.full(key, chunk_bytes))
+                if offset + sum(len(v) for v in pending) == chunk_bytes:
+                    pending.append(np.frombuffer(crc, np.uint8))
+                    crc = b""
+            self._pwritev(fd, pending, offset)
+            if tail and not fast:  # rows this writer did not write before them: hash it all
+                self._crc.reset(key, np.frombuffer(os.pread(fd, chunk_bytes, 0), np.uint8))
+                crc = trailer(self._crc.full(key, chunk_bytes))
+            if tail and crc:
+                self._pwritev(fd, [np.frombuffer(crc, np.uint8)], chunk_bytes)
+            self._stale.discard(key)
         finally:
             os.close(fd)
+
+    def repair_checksums(self) -> None:
+        """Rewrite the checksum of each chunk a failed write left stale (from what it holds),
+        so that every chunk of a finalized trace verifies."""
+        for ci, last in sorted(self._stale):
+            path = self._chunk_path(ci, last)
+            if not path.is_file():  # trimmed away
+                continue
+            with open(path, "r+b") as fh:
+                data = np.frombuffer(fh.read(), np.uint8)[:-CHUNK_CHECKSUM_BYTES]
+                self._crc.reset((ci, last), data)
+                fh.seek(len(data))
+                fh.write(trailer(self._crc.full((ci, last), len(data))))
+        self._stale.clear()
+
+    @staticmethod
+    def _pwritev(fd: int, pending: list[np.ndarray], offset: int) -> None:
+        """Write all of ``pending`` from ``offset``: pwritev takes at most IOV_MAX buffers and
+        may write less than asked."""
+        pending = list(pending)
+        while pending:
+            batch = pending[:512]
+            done = os.pwritev(fd, batch, offset)
+            offset += done
+            while batch and done >= len(batch[0]):
+                done -= len(batch[0])
+                batch.pop(0)
+                pending.pop(0)
+            if done:
+                pending[0] = pending[0][done:]
 
     def resize(self, shape: tuple[int, ...]) -> None:
         """Rewrite the shape in ``zarr.json`` and delete chunks wholly outside it."""
@@ -604,6 +744,11 @@ class ZarrBackend(Backend):
         self._store = zarr.storage.LocalStore(str(self.path))
         for name, arr in self._created.items():
             arr.relocate(self.path / name, self._store)
+
+    def end_streaming(self) -> None:
+        """Every chunk's checksum right before the trace is finalized (see repair_checksums)."""
+        for arr in self._created.values():
+            arr.repair_checksums()
 
     def seal(self) -> None:
         """Consolidate metadata (every array's zarr.json inlined in the group's, zarr-python's
