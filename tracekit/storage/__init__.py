@@ -84,8 +84,8 @@ class StoredArray(ABC):
         trace still being recorded, whose last chunk may carry a stale checksum."""
 
     def verify_chunks(self, rows: int | None = None) -> list[str]:
-        """Read every stored chunk and check its checksum (those within ``rows`` of the first
-        axis when given); one line per chunk that fails."""
+        """Read every stored chunk and check its checksum (only those wholly within the first
+        ``rows`` rows of the first axis when given); one line per chunk that fails."""
         return []
 
 

@@ -343,10 +343,11 @@ class ZarrArray(StoredArray):
         self._verifier.bound = rows
 
     def _stored_chunks(self, rows: int | None = None):
-        """(label, path) of every chunk file within ``rows`` of the first axis (all: None)."""
+        """(index, path) of every chunk file, or of those wholly within the first ``rows``
+        rows of the first axis."""
         counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
         if rows is not None and counts:
-            counts[0] = min(counts[0], math.ceil(rows / self.chunks[0]))
+            counts[0] = min(counts[0], rows // self.chunks[0])
         for idx in itertools.product(*(range(n) for n in counts)):
             path = self._folder / chunk_key(self._meta, idx)
             if path.is_file():
@@ -388,9 +389,7 @@ class ZarrArray(StoredArray):
             return self._read_with(self._arr, key)
         except CorruptTraceError:
             if self.checksum:  # name the chunk that fails its checksum, if one does
-                split = split_rows_key(key, self.shape)
-                lead = None if split is None else split[1]
-                for problem in self.verify_chunks(lead):
+                for problem in self.verify_chunks(self._verifier.bound):
                     raise CorruptTraceError(problem) from None
             raise
 
@@ -526,6 +525,8 @@ class ZarrArray(StoredArray):
                                         f"expected {chunk_bytes + tail}")
             pending = [v for v in views if len(v)]
             self._stale.add(key)
+            if offset == 0 and sum(len(v) for v in pending) == chunk_bytes:
+                self._crc.start(key)  # rewritten whole (the commit counter): one write
             fast = tail and self._crc.follows(key, offset)
             if fast:  # the checksum before the write: one pwritev when it ends the chunk
                 self._crc.extend(key, offset, pending)
