@@ -87,37 +87,65 @@ def crc32c_zeros(crc: int, nbytes: int) -> int:
 
 
 class RunningCrc:
-    """CRC-32C of the written prefix of each chunk a writer fills in place, so that each commit
-    brings the chunk's stored checksum up to date by hashing only the rows it adds (rows are
-    written in order; a gap before them is still zeros, the chunk's fill value)."""
+    """Writes rows into chunk files in place, each followed by the chunk's CRC-32C (zarr's
+    crc32c codec), hashing only the bytes each write adds: it keeps the CRC of the prefix of
+    each chunk written so far (rows are written in order; the rest of a chunk is still zeros,
+    its fill value) and extends it over the zero tail arithmetically."""
 
     def __init__(self) -> None:
         self._state: dict[Any, tuple[int, int]] = {}  # chunk -> (prefix bytes, its CRC)
+        self._stale: set[Any] = set()  # chunks whose write failed before their checksum
 
-    def start(self, chunk: Any) -> None:
-        """The chunk is new: all zeros so far."""
-        self._state[chunk] = (0, 0)
+    def write(self, chunk: Any, fd: int, parts: list[np.ndarray], offset: int,
+              chunk_bytes: int, new: bool, pwritev: Any) -> None:
+        """Write ``parts`` (uint8) at ``offset`` of chunk file ``fd`` (``new``: all zeros so
+        far), then the chunk's checksum at ``chunk_bytes``: in the same write when the rows
+        end the chunk (a counter rewritten whole is then one write, never torn)."""
+        size = sum(len(p) for p in parts)
+        if new or (offset == 0 and size == chunk_bytes):
+            self._state[chunk] = (0, 0)
+        self._stale.add(chunk)
+        end, crc = self._state.get(chunk, (-1, 0))
+        if offset >= end >= 0:
+            crc = crc32c(parts, crc32c_zeros(crc, offset - end))
+            self._state[chunk] = (offset + size, crc)
+            tail = trailer(crc32c_zeros(crc, chunk_bytes - offset - size))
+            if offset + size == chunk_bytes:
+                pwritev(fd, [*parts, np.frombuffer(tail, np.uint8)], offset)
+            else:
+                pwritev(fd, parts, offset)
+                pwritev(fd, [np.frombuffer(tail, np.uint8)], chunk_bytes)
+        else:  # a prefix this writer did not hash, or rows again: hash the stored chunk
 
-    def follows(self, chunk: Any, offset: int) -> bool:
-        """Whether bytes written at ``offset`` extend the prefix hashed so far (everything
-        after it is still zero); else the stored chunk has to be hashed again."""
-        state = self._state.get(chunk)
-        return state is not None and offset >= state[0]
+            pwritev(fd, parts, offset)
+            self._rehash(chunk, fd, chunk_bytes, pwritev)
+        self._stale.discard(chunk)
 
-    def extend(self, chunk: Any, offset: int, parts: Sequence[np.ndarray]) -> None:
-        """Record ``parts`` written at ``offset`` (``follows`` must hold)."""
-        end, crc = self._state[chunk]
-        crc = crc32c(parts, crc32c_zeros(crc, offset - end))
-        self._state[chunk] = (offset + sum(len(as_bytes(p)) for p in parts), crc)
+    def _rehash(self, chunk: Any, fd: int, chunk_bytes: int, pwritev: Any) -> None:
+        import os
 
-    def reset(self, chunk: Any, data: np.ndarray) -> None:
-        """The chunk's whole data, as stored now."""
-        self._state[chunk] = (len(data), crc32c([data]))
+        data = np.frombuffer(os.pread(fd, chunk_bytes, 0), np.uint8)
+        crc = crc32c([data])
+        self._state[chunk] = (len(data), crc)
+        pwritev(fd, [np.frombuffer(trailer(crc32c_zeros(crc, chunk_bytes - len(data))),
+                                   np.uint8)], chunk_bytes)
 
-    def full(self, chunk: Any, chunk_bytes: int) -> int:
-        """The checksum of the whole chunk: its prefix's CRC extended over the zero tail."""
-        end, crc = self._state[chunk]
-        return crc32c_zeros(crc, chunk_bytes - end)
+    def repair(self, open_chunk: Any, pwritev: Any) -> None:
+        """Give each chunk a failed write left with a stale checksum the checksum of what it
+        holds (before the trace is finalized). ``open_chunk(chunk)``: (fd, data bytes) of its
+        file, or None where it no longer exists."""
+        import os
+
+        for chunk in sorted(self._stale):
+            opened = open_chunk(chunk)
+            if opened is None:
+                continue
+            fd, chunk_bytes = opened
+            try:
+                self._rehash(chunk, fd, chunk_bytes, pwritev)
+            finally:
+                os.close(fd)
+        self._stale.clear()
 
 
 # -- HDF5's Fletcher-32 ---------------------------------------------------------------------
@@ -259,3 +287,32 @@ class ChunkVerifier:
                 f"array {self.name!r}: chunk {self.describe(ci)} fails its {self.kind} "
                 f"checksum (stored {tail[::-1].hex()}, computed {value:08x}): corrupt data")
         self._done.add(ci)
+
+
+def read_verified(arr: Any, key: tuple, verifier: ChunkVerifier, read: Any,
+                  read_unchecked: Any) -> np.ndarray:
+    """Read ``arr[key]`` through a library that checks every chunk's checksum (``read``),
+    except rows in chunks past the verifier's bound (a trace still being recorded), which
+    ``read_unchecked`` reads without the check. When ``read`` fails, the chunk that fails
+    its checksum, if one does, is named in the error."""
+    from ..errors import CorruptTraceError
+    from . import split_rows_key
+
+    edge = verifier.checked_rows() if verifier.kind else None
+    split = split_rows_key(key, arr.shape) if edge is not None else None
+    if split is not None and split[1] > edge:  # type: ignore[operator]
+        start, stop, rest, drop = split
+        parts = []
+        if start < edge:  # type: ignore[operator]
+            parts.append(read_verified(arr, (slice(start, edge), *rest), verifier, read,
+                                       read_unchecked))
+        parts.append(read_unchecked((slice(max(start, edge), stop), *rest)))  # type: ignore[type-var]
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return rows[0] if drop else rows
+    try:
+        return read(key)
+    except CorruptTraceError:
+        if verifier.kind:
+            for problem in arr.verify_chunks(verifier.bound):
+                raise CorruptTraceError(problem) from None
+        raise

@@ -41,7 +41,13 @@ from . import (
     read_rows_direct,
     split_rows_key,
 )
-from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, trailer
+from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, read_verified
+from ._zarr_checksums import (
+    CHECKED_CRC32C,
+    UNCHECKED_CRC32C,
+    has_crc32c,
+    verify_chunk_files,
+)
 
 ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
@@ -125,26 +131,8 @@ _BOUNDED_CODECS = {f"codecs.{key}": f"{cls.__module__}.{cls.__qualname__}" for k
     ("gzip", _BoundedGzipCodec), ("zstd", _BoundedZstdCodec), ("blosc", _BoundedBloscCodec))}
 
 
-class _UncheckedCrc32cCodec(zarr.codecs.Crc32cCodec):
-    """Strips the checksum without checking it: for the chunks a trace still being recorded
-    may hold with a stale checksum (past its committed rows), and for nothing else."""
-
-    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
-        data = chunk_bytes.as_numpy_array()[:-CHUNK_CHECKSUM_BYTES]
-        return chunk_spec.prototype.buffer.from_array_like(data)
-
-
-zarr.registry.register_codec("crc32c", zarr.codecs.Crc32cCodec)  # zarr's own stays the default
-zarr.registry.register_codec("crc32c", _UncheckedCrc32cCodec)
-_UNCHECKED_CODECS = {**_BOUNDED_CODECS, "codecs.crc32c": f"{__name__}._UncheckedCrc32cCodec"}
-_CHECKED_CODECS = {**_BOUNDED_CODECS, "codecs.crc32c": "zarr.codecs.crc32c_.Crc32cCodec"}
-
-
-def _has_crc32c(meta: dict[str, Any]) -> bool:
-    """Whether chunks end with zarr's crc32c checksum (the last codec)."""
-    codecs = meta.get("codecs")
-    return (isinstance(codecs, list) and len(codecs) >= 2 and isinstance(codecs[-1], dict)
-            and codecs[-1].get("name") == "crc32c")
+_UNCHECKED_CODECS = {**_BOUNDED_CODECS, **UNCHECKED_CRC32C}
+_CHECKED_CODECS = {**_BOUNDED_CODECS, **CHECKED_CRC32C}
 
 
 def _raw_writable(meta: dict[str, Any]) -> bool:
@@ -152,7 +140,7 @@ def _raw_writable(meta: dict[str, Any]) -> bool:
     along every axis but the first and the last (attention's key axis is chunked too):
     tracekit writes rows of such arrays into the chunk files itself."""
     codecs = meta.get("codecs")
-    if isinstance(codecs, list) and _has_crc32c(meta):
+    if isinstance(codecs, list) and has_crc32c(meta):
         codecs = codecs[:-1]
     if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
         return False
@@ -297,7 +285,7 @@ class ZarrArray(StoredArray):
         self._direct_rows = _direct_readable(meta)
         self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
-        self.checksum = "crc32c" if _has_crc32c(meta) else None
+        self.checksum = "crc32c" if has_crc32c(meta) else None
         self._zarr_unchecked: zarr.Array | None = None
         chunks = self.chunks
         row_bytes = math.prod(chunks[1:]) * self.dtype.itemsize
@@ -305,7 +293,6 @@ class ZarrArray(StoredArray):
                                        (chunks[0] if chunks else 1) * row_bytes,
                                        lambda ci: self._chunk_path(ci).name)
         self._crc = RunningCrc()  # writers: CRC of each chunk's rows written so far
-        self._stale: set[tuple[int, int]] = set()  # chunks whose checksum a failed write left
 
     def relocate(self, folder: Path, store: Any) -> None:
         """The trace was moved (from its temporary name to its final one)."""
@@ -342,56 +329,21 @@ class ZarrArray(StoredArray):
     def verify_below(self, rows: int | None) -> None:
         self._verifier.bound = rows
 
-    def _stored_chunks(self, rows: int | None = None):
-        """(index, path) of every chunk file, or of those wholly within the first ``rows``
-        rows of the first axis."""
-        counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
-        if rows is not None and counts:
-            counts[0] = min(counts[0], rows // self.chunks[0])
-        for idx in itertools.product(*(range(n) for n in counts)):
-            path = self._folder / chunk_key(self._meta, idx)
-            if path.is_file():
-                yield idx, path
-
     def verify_chunks(self, rows: int | None = None) -> list[str]:
         if not self.checksum:
             return []
-        problems = []
-        check = ChunkVerifier(self.name, self.checksum, 1, 0,
-                              lambda idx: chunk_key(self._meta, idx))
-        for idx, path in self._stored_chunks(rows):
-            try:
-                check.check_bytes(idx, np.fromfile(path, dtype=np.uint8))
-            except CorruptTraceError as exc:
-                problems.append(str(exc))
-            except OSError as exc:
-                problems.append(f"array {self.name!r}: chunk {path.name} unreadable ({exc})")
-        return problems
+        counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
+        if rows is not None and counts:
+            counts[0] = min(counts[0], rows // self.chunks[0])
+        keys = (chunk_key(self._meta, idx) for idx in itertools.product(*map(range, counts)))
+        return verify_chunk_files(self.name, self._folder, keys,
+                                  self._verifier.chunk_bytes)
 
-    def _read_zarr(self, key: tuple) -> np.ndarray:
-        """Read through zarr-python (which checks every chunk's crc32c), with a chunk-level
-        diagnosis when that fails. Rows in chunks past the verified bound (a trace still being
-        recorded) are read without checking theirs."""
-        edge = self._verifier.checked_rows() if self.checksum else None
-        split = split_rows_key(key, self.shape) if edge is not None else None
-        if split is not None and split[1] > edge:  # type: ignore[operator]
-            start, stop, rest, drop = split
-            parts = []
-            if start < edge:  # type: ignore[operator]
-                parts.append(self._read_zarr((slice(start, edge), *rest)))
-            if self._zarr_unchecked is None:
-                self._zarr_unchecked = self._open_zarr(_UNCHECKED_CODECS)
-            lo = max(start, edge)  # type: ignore[type-var]
-            parts.append(self._read_with(self._zarr_unchecked, (slice(lo, stop), *rest)))
-            rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            return rows[0] if drop else rows
-        try:
-            return self._read_with(self._arr, key)
-        except CorruptTraceError:
-            if self.checksum:  # name the chunk that fails its checksum, if one does
-                for problem in self.verify_chunks(self._verifier.bound):
-                    raise CorruptTraceError(problem) from None
-            raise
+    def _read_unchecked(self, key: tuple) -> np.ndarray:
+        """Read with a crc32c codec that strips the checksum without checking it."""
+        if self._zarr_unchecked is None:
+            self._zarr_unchecked = self._open_zarr(_UNCHECKED_CODECS)
+        return self._read_with(self._zarr_unchecked, key)
 
     def _read_with(self, arr: zarr.Array, key: tuple) -> np.ndarray:
         try:
@@ -429,7 +381,8 @@ class ZarrArray(StoredArray):
                 for fd in self._open_fds:
                     os.close(fd)
             return rows[0][rest] if drop else rows[(slice(None), *rest)]
-        return self._read_zarr(key)
+        return read_verified(self, key, self._verifier, lambda k: self._read_with(self._arr, k),
+                             self._read_unchecked)
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
         rows = full_rows(key, value, self.shape) if self._raw_rows else None
@@ -517,46 +470,30 @@ class ZarrArray(StoredArray):
                 # A new chunk gets its full length (zeros, the fill value) before any row is
                 # written, so it is never short; its blocks allocated at once where the file
                 # system can (steadily fast writes, see ``allocate``).
-                self._crc.start(key)
                 if not allocate(fd, 0, chunk_bytes + tail):
                     os.ftruncate(fd, chunk_bytes + tail)
             elif size != chunk_bytes + tail:
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
                                         f"expected {chunk_bytes + tail}")
             pending = [v for v in views if len(v)]
-            self._stale.add(key)
-            if offset == 0 and sum(len(v) for v in pending) == chunk_bytes:
-                self._crc.start(key)  # rewritten whole (the commit counter): one write
-            fast = tail and self._crc.follows(key, offset)
-            if fast:  # the checksum before the write: one pwritev when it ends the chunk
-                self._crc.extend(key, offset, pending)
-                crc = trailer(self._crc.full(key, chunk_bytes))
-                if offset + sum(len(v) for v in pending) == chunk_bytes:
-                    pending.append(np.frombuffer(crc, np.uint8))
-                    crc = b""
-            self._pwritev(fd, pending, offset)
-            if tail and not fast:  # rows this writer did not write before them: hash it all
-                self._crc.reset(key, np.frombuffer(os.pread(fd, chunk_bytes, 0), np.uint8))
-                crc = trailer(self._crc.full(key, chunk_bytes))
-            if tail and crc:
-                self._pwritev(fd, [np.frombuffer(crc, np.uint8)], chunk_bytes)
-            self._stale.discard(key)
+            if tail:
+                self._crc.write(key, fd, pending, offset, chunk_bytes, size == 0,
+                                self._pwritev)
+            else:
+                self._pwritev(fd, pending, offset)
         finally:
             os.close(fd)
 
     def repair_checksums(self) -> None:
-        """Rewrite the checksum of each chunk a failed write left stale (from what it holds),
-        so that every chunk of a finalized trace verifies."""
-        for ci, last in sorted(self._stale):
-            path = self._chunk_path(ci, last)
+        """Chunks a failed write left with a stale checksum get the one of what they hold."""
+
+        def open_chunk(key: tuple[int, int]) -> tuple[int, int] | None:
+            path = self._chunk_path(*key)
             if not path.is_file():  # trimmed away
-                continue
-            with open(path, "r+b") as fh:
-                data = np.frombuffer(fh.read(), np.uint8)[:-CHUNK_CHECKSUM_BYTES]
-                self._crc.reset((ci, last), data)
-                fh.seek(len(data))
-                fh.write(trailer(self._crc.full((ci, last), len(data))))
-        self._stale.clear()
+                return None
+            return os.open(path, os.O_RDWR), path.stat().st_size - CHUNK_CHECKSUM_BYTES
+
+        self._crc.repair(open_chunk, self._pwritev)
 
     @staticmethod
     def _pwritev(fd: int, pending: list[np.ndarray], offset: int) -> None:
