@@ -130,6 +130,10 @@ class RunningCrc:
         pwritev(fd, [np.frombuffer(trailer(crc32c_zeros(crc, chunk_bytes - len(data))),
                                    np.uint8)], chunk_bytes)
 
+    def forget(self) -> None:
+        """Chunks were written by other means (zarr-python): hash them again when next written."""
+        self._state.clear()
+
     def repair(self, open_chunk: Any, pwritev: Any) -> None:
         """Give each chunk a failed write left with a stale checksum the checksum of what it
         holds (before the trace is finalized). ``open_chunk(chunk)``: (fd, data bytes) of its

@@ -387,7 +387,8 @@ class ZarrArray(StoredArray):
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
         rows = full_rows(key, value, self.shape) if self._raw_rows else None
         if rows is None:
-            self._arr[key] = value
+            self._arr[key] = value  # zarr-python rewrites the chunks, checksums included
+            self._crc.forget()
             return
         self.write_rows(rows[0], [value])
 
