@@ -272,3 +272,27 @@ def test_format_1_0_traces_without_checksums_still_validate(name) -> None:
     assert validate(DATA / name, deep=True) == []
     with tracekit.open(DATA / name) as trace:
         assert trace["token_id"]._stored.checksum is None
+
+
+def test_format_1_1_array_without_checksum_is_reported(tmp_path) -> None:
+    """A 1.1 trace whose array lost its crc32c codec (the chunks without their 4 bytes) reads,
+    and validate says what the format requires."""
+    from corruption import edit_array_json
+
+    path = tmp_path / "t.zarr"
+    expected = tracegen.write_synthetic(path, tracegen.small_plan(), seed=5)
+    for chunk in tracegen.chunk_files(path, "neurons"):
+        chunk.write_bytes(chunk.read_bytes()[:-CHUNK_CHECKSUM_BYTES])
+    edit_array_json(path, "neurons", lambda meta: meta["codecs"].pop())
+    with tracekit.open(path) as trace:
+        tracegen.assert_trace_matches(trace, expected)
+    assert validate(path) == ["array 'neurons' has no chunk checksum (format 1.1 needs the zarr "
+                              "crc32c codec or the HDF5 Fletcher-32 filter)"]
+
+
+def test_quick_and_deep_exclude_each_other(tmp_path) -> None:
+    path = tmp_path / "t.zarr"
+    tracegen.write_synthetic(path, tracegen.small_plan(), seed=5)
+    result = CliRunner().invoke(main, ["validate", "--quick", "--deep", str(path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == "Error: --quick and --deep exclude each other"
