@@ -296,3 +296,43 @@ def test_quick_and_deep_exclude_each_other(tmp_path) -> None:
     result = CliRunner().invoke(main, ["validate", "--quick", "--deep", str(path)])
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == "Error: --quick and --deep exclude each other"
+
+
+def test_a_write_that_fails_before_its_checksum_leaves_an_aborted_trace_that_verifies(
+        tmp_path, monkeypatch) -> None:
+    """A chunk write that fails between the rows and their checksum (a full disk) leaves the
+    chunk's checksum stale; finalizing as aborted gives it the checksum of what it holds, so
+    every chunk of the finished trace verifies and the committed positions read exactly."""
+    from tracekit.errors import WriterError
+    from tracekit.storage._zarr import ZarrArray
+
+    plan = tracegen.small_plan(chunk_bytes=2048)
+    path = tmp_path / "t.zarr"
+    real = ZarrArray._pwritev
+    calls = {"trailers": 0}
+
+    def failing(fd, pending, offset):
+        if len(pending) == 1 and len(pending[0]) == CHUNK_CHECKSUM_BYTES:
+            calls["trailers"] += 1
+            if calls["trailers"] == 40:  # well into the recording, after rows were written
+                raise OSError(28, "No space left on device")
+        real(fd, pending, offset)
+
+    monkeypatch.setattr(ZarrArray, "_pwritev", staticmethod(failing))
+    writer = tracegen.create_synthetic(path, plan, seed=8, commit_interval=0.0)
+    with pytest.raises(WriterError, match="No space left"):
+        for ids, texts, arrays, t in tracegen.iter_steps(plan, 8, plan.max_positions):
+            writer.write_step(ids, texts, arrays, step_time=t)
+            writer.flush()
+    with pytest.raises(WriterError, match="No space left"):
+        writer.close()  # finalizes as aborted, then says why
+    assert calls["trailers"] >= 40
+    monkeypatch.undo()
+    with tracekit.open(path) as trace:
+        assert trace.status == "aborted" and 0 < trace.n_positions < plan.max_positions
+        n = trace.n_positions
+        sizes = tracegen.step_sizes(8, plan.max_positions)
+        steps = int(np.searchsorted(np.cumsum(sizes), n, side="right"))
+        tracegen.assert_trace_matches(trace, tracegen.expected_contents(plan, 8, n,
+                                                                         sizes[:steps]))
+    assert validate(path, deep=True) == []
