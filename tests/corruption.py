@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import h5py
 import numpy as np
 from tracegen import chunk_files
@@ -125,6 +126,19 @@ def flip_bits(path: Path, offsets: list[int]) -> None:
             byte = fh.read(1)[0]
             fh.seek(off)
             fh.write(bytes([byte ^ 0x10]))
+
+
+def write_chunk(path: Path, body: bytes) -> None:
+    """Store ``body`` as a zarr chunk with a matching crc32c (zarr's codec: 4 bytes
+    little-endian after the data), so that what is tested is what lies behind the checksum."""
+    path.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
+
+
+def edit_chunk(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of a zarr chunk's data and give it the checksum that matches."""
+    body = bytearray(path.read_bytes()[:-4])
+    body[offset: offset + len(data)] = data
+    write_chunk(path, bytes(body))
 
 
 def truncate(path: Path, keep: int) -> None:
@@ -307,13 +321,13 @@ def _(t: Path) -> None:
 @_z("commit-counter-absurd", CorruptTraceError, "impossible")
 def _(t: Path) -> None:
     edit_meta(t, lambda m: set_path(m, "status", "recording"))
-    (chunk_files(t, "commit")[0]).write_bytes(np.array([10**12, 1], "<i8").tobytes())
+    write_chunk(chunk_files(t, "commit")[0], np.array([10**12, 1], "<i8").tobytes())
 
 
 @_z("commit-counter-negative", CorruptTraceError, "impossible")
 def _(t: Path) -> None:
     edit_meta(t, lambda m: set_path(m, "status", "recording"))
-    (chunk_files(t, "commit")[0]).write_bytes(np.array([-5, 0], "<i8").tobytes())
+    write_chunk(chunk_files(t, "commit")[0], np.array([-5, 0], "<i8").tobytes())
 
 
 @_z("commit-counter-truncated", CorruptTraceError, "commit")
@@ -521,18 +535,27 @@ def _(t: Path) -> None:
 
 @_z("token-ids-outside-vocabulary", None, "vocabulary")
 def _(t: Path) -> None:
-    f = chunk_files(t, "token_id")[0]
-    data = bytearray(f.read_bytes())
-    data[:8] = np.array([10**9], "<i8").tobytes()
-    f.write_bytes(bytes(data))
+    edit_chunk(chunk_files(t, "token_id")[0], 0, np.array([10**9], "<i8").tobytes())
 
 
 @_z("step-table-inconsistent", None, "step")
 def _(t: Path) -> None:
-    f = chunk_files(t, "step_positions")[0]
-    data = bytearray(f.read_bytes())
-    data[:4] = np.array([7], "<i4").tobytes()
-    f.write_bytes(bytes(data))
+    edit_chunk(chunk_files(t, "step_positions")[0], 0, np.array([7], "<i4").tobytes())
+
+
+@_z("data-chunk-byte-flipped", CorruptTraceError, r"'mlp_out': chunk c\.0\.0\.0 fails its crc32c")
+def _(t: Path) -> None:
+    flip_bits(chunk_files(t, "mlp_out")[0], [37])
+
+
+@_z("coordinate-chunk-byte-flipped", CorruptTraceError, r"'hidden': chunk c\.0 fails its crc32c")
+def _(t: Path) -> None:
+    flip_bits(chunk_files(t, "hidden")[0], [9])
+
+
+@_z("coordinate-not-its-definition", None, "coordinate 'head' differs from its definition")
+def _(t: Path) -> None:
+    edit_chunk(chunk_files(t, "head")[0], 0, np.array([1], "<i8").tobytes())
 
 
 # -- HDF5 cases -----------------------------------------------------------------------------

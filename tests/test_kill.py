@@ -1,6 +1,7 @@
 """A writer process killed with SIGKILL at a random moment leaves a trace that opens, says it
-is not complete, and returns every committed position bit-exact (or, if it died before the
-trace was moved into place, no trace at all).
+is not complete, returns every committed position bit-exact and passes ``validate --deep``
+(every chunk within the committed rows matches its checksum), or, if it died before the trace
+was moved into place, no trace at all.
 
 The writer runs in a process forked from a forkserver that has already imported tracekit,
 so a trial costs the recording, not the interpreter start-up.
@@ -76,7 +77,8 @@ def check_after_kill(path: Path, seed: int) -> str:
             state = "recording"
         tracegen.assert_trace_matches(
             trace, tracegen.expected_contents(plan, seed, n, sizes[:steps]))
-    assert validate(path) == []
+    # Every chunk within the committed rows (every chunk, once finalized) verifies.
+    assert validate(path, deep=True) == []
     return state
 
 

@@ -107,12 +107,17 @@ def info(trace: Path, as_json: bool) -> None:
 @main.command(cls=TraceCommand)
 @click.argument("trace", type=click.Path(exists=True, path_type=Path))
 @click.option("--quick", is_flag=True, help="Check structure only; do not decode every chunk.")
-def validate(trace: Path, quick: bool) -> None:
+@click.option("--deep", is_flag=True,
+              help="Also read every stored chunk of every array, coordinates included, and "
+                   "check its checksum (naming each corrupt chunk).")
+def validate(trace: Path, quick: bool, deep: bool) -> None:
     """Check a trace against the spec; one line per problem."""
     from .validate import validate as run_validate
 
+    if quick and deep:
+        raise click.UsageError("--quick and --deep exclude each other")
     with progress_bar("validating") as update:
-        problems = run_validate(trace, quick=quick, progress=update)
+        problems = run_validate(trace, quick=quick, deep=deep, progress=update)
     if problems:
         for p in problems:
             click.echo(f"{trace}: {p}", err=True)

@@ -59,6 +59,9 @@ DEFAULT_TOKEN_BYTES = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
 KEY_CHUNK = 256
 STEP_CHUNK = 4096
+#: Bytes each stored chunk carries beyond its data from format 1.1 on: zarr's ``crc32c`` codec
+#: and HDF5's Fletcher-32 filter both append a 4-byte checksum.
+CHUNK_CHECKSUM_BYTES = 4
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,12 @@ class Trace:
             raise CorruptTraceError(f"array {name!r} is stored as {stored.dtype}, expected {want}")
         shape = tuple(committed[d] if d in GROWING_DIMS else s
                       for d, s in zip(dims, stored.shape, strict=True))
+        # Chunk checksums are verified on read; in a trace still being recorded (or whose
+        # writer died) a chunk extending past the committed rows may hold a stale one.
+        # Coordinates are written whole before the trace gets its name.
+        finalized = self.status in ("complete", "aborted")
+        stored.verify_below(None if finalized or dims[0] not in GROWING_DIMS
+                            or name not in SPECS_BY_NAME else committed[dims[0]])
         arr = LazyArray(stored, dims, shape, logical)
         self._arrays[name] = arr
         return arr

@@ -3,9 +3,12 @@
 Checks, in order: it opens and is a trace; the metadata follows the JSON Schema and version
 rules; copies of the metadata agree (zarr's consolidated metadata, which xarray reads, and
 each array's own, which tracekit reads); every promised array exists with the right dimension
-names, shape and dtype, and only allowlisted codecs; coordinates match the metadata; the
-commit counter, step table and token table agree; no committed chunk is missing; and (unless
-``quick``) every committed chunk decodes.
+names, shape and dtype, and only allowlisted codecs; from format 1.1, every array's chunks
+carry a checksum; coordinates match their definition (unless ``quick``: only those the
+metadata selects); the commit counter, step table and token table agree; no committed chunk
+is missing; (unless ``quick``) every committed chunk decodes and, having a checksum, verifies;
+and (``deep``) every stored chunk of every array, coordinates and the counter included, is
+read whole and checked against its checksum, each failing chunk reported by name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TraceError
-from .format import TracePlan, parse_version
+from .format import GROWING_DIMS, TracePlan, parse_version
 from .reader import Trace
 from .schema import schema_errors
 from .storage import open_backend
@@ -25,15 +28,21 @@ from .storage import open_backend
 Progress = Callable[[int, int], None]
 
 
-def validate(path: str | os.PathLike[str], *, quick: bool = False,
+#: The first format version whose chunks carry checksums.
+CHECKSUMS_SINCE = (1, 1)
+
+
+def validate(path: str | os.PathLike[str], *, quick: bool = False, deep: bool = False,
              progress: Progress | None = None) -> list[str]:
     """Problems found in the trace at ``path`` (empty when it is valid), each a sentence about
-    the trace that does not repeat its path (the CLI prints it once, before each)."""
+    the trace that does not repeat its path (the CLI prints it once, before each). ``quick``:
+    structure only; ``deep``: also read every stored chunk whole and check its checksum."""
     prefix = f"{path}: "
-    return [p.removeprefix(prefix) for p in _problems(path, quick, progress)]
+    return [p.removeprefix(prefix) for p in _problems(path, quick, deep, progress)]
 
 
-def _problems(path: str | os.PathLike[str], quick: bool, progress: Progress | None) -> list[str]:
+def _problems(path: str | os.PathLike[str], quick: bool, deep: bool,
+              progress: Progress | None) -> list[str]:
     try:
         backend = open_backend(Path(path))
     except TraceError as exc:
@@ -54,9 +63,13 @@ def _problems(path: str | os.PathLike[str], quick: bool, progress: Progress | No
         backend.close()
         return problems or [str(exc)]
     with trace:
-        for check in (_check_arrays, _check_tables):
+        for check in (_check_arrays, _check_checksums_present, _check_tables):
             if not problems:
                 problems += _guarded(check, trace)
+        if not problems and not quick:
+            problems += _guarded(_check_coordinates, trace)
+        if deep and not problems:
+            problems += _check_checksums(trace)
         if not problems:
             problems += _check_chunks(trace, quick, progress)
     return problems
@@ -85,6 +98,56 @@ def _check_arrays(trace: Trace) -> list[str]:
             if not np.array_equal(got, want):
                 problems.append(f"coordinate {dim!r} is {got.tolist()}, metadata says "
                                 f"{want.tolist()}")
+    return problems
+
+
+def _check_coordinates(trace: Trace) -> list[str]:
+    """Every coordinate, as stored (growing ones past the committed length too), against its
+    definition: 0, 1, 2, ... except point and layer, which the metadata lists."""
+    problems = []
+    for dim in trace.plan.used_dims():
+        stored = trace[dim]._stored
+        try:
+            got = stored[(slice(0, stored.shape[0]),)]
+        except TraceError as exc:
+            problems.append(f"coordinate {dim!r}: {exc}")
+            continue
+        want = trace.plan.coordinate_values(dim)[: len(got)]
+        if not np.array_equal(got, want):
+            bad = int(np.flatnonzero(got != want)[0]) if len(got) == len(want) else 0
+            problems.append(f"coordinate {dim!r} differs from its definition at index {bad} "
+                            f"(stored {got[bad] if len(got) else None}, expected "
+                            f"{want[bad] if len(want) else None})")
+    return problems
+
+
+def _check_checksums_present(trace: Trace) -> list[str]:
+    """From format 1.1 every chunk carries a checksum (zarr crc32c codec, HDF5 Fletcher-32)."""
+    if parse_version(trace.metadata.get("version")) < CHECKSUMS_SINCE:
+        return []
+    return [f"array {name!r} has no chunk checksum (format {trace.metadata['version']} needs "
+            f"the zarr crc32c codec or the HDF5 Fletcher-32 filter)"
+            for name in [*trace.plan.used_dims(), *trace.array_names()]
+            if trace[name]._stored.checksum is None]
+
+
+def _check_checksums(trace: Trace) -> list[str]:
+    """Read every stored chunk of every array whole and check its checksum. In a trace still
+    being recorded, chunks extending past the committed rows are skipped (section 6 of the
+    spec: they may carry a stale checksum)."""
+    problems = []
+    finalized = trace.status in ("complete", "aborted")
+    committed = {"position": trace.n_positions, "key": trace.n_positions,
+                 "step": trace.n_steps}
+    for name in [*trace.plan.used_dims(), *trace.array_names()]:
+        arr = trace[name]
+        lead = arr.dims[0]
+        rows = None if finalized or name in trace.plan.used_dims() or (
+            lead not in GROWING_DIMS) else committed[lead]
+        try:
+            problems += arr._stored.verify_chunks(rows)
+        except TraceError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -75,6 +75,19 @@ class StoredArray(ABC):
         """Chunks within the first ``rows`` of the leading axis that were never stored."""
         return []
 
+    #: The checksum each stored chunk carries: 'crc32c' (zarr), 'fletcher32' (HDF5) or None.
+    checksum: str | None = None
+
+    def verify_below(self, rows: int | None) -> None:
+        """Reads verify chunk checksums except where a chunk extends past ``rows`` of the
+        first axis (None: verify every chunk). The reader passes the committed length of a
+        trace still being recorded, whose last chunk may carry a stale checksum."""
+
+    def verify_chunks(self, rows: int | None = None) -> list[str]:
+        """Read every stored chunk and check its checksum (only those wholly within the first
+        ``rows`` rows of the first axis when given); one line per chunk that fails."""
+        return []
+
 
 class Backend(ABC):
     """A trace container: root metadata plus named arrays with dimension names."""
@@ -212,12 +225,15 @@ def check_dtype(name: str, dtype: np.dtype) -> None:
 
 
 def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: int,
-                     row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+                     row_shape: tuple[int, ...], dtype: np.dtype,
+                     verifier: Any = None) -> np.ndarray:
     """Read rows ``start:stop`` of an uncompressed array whose chunks hold whole rows, with one
     ``preadv`` per chunk straight into the result (no decode, no intermediate copy).
 
     ``locate(chunk_index)`` returns ``(fd, byte_offset, stored_size)`` or None for a chunk never
     written (read as the fill value 0). A chunk of the wrong size is reported as truncated.
+    ``verifier`` (a ``ChunkVerifier``): chunks carry a checksum after their data; a chunk it
+    has not checked yet is read whole once, checked, and the rows copied from it.
     """
     from ..errors import CorruptTraceError
 
@@ -236,9 +252,15 @@ def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: i
             target[...] = 0
             continue
         fd, base, size = where
-        if size != chunk_bytes:
+        stored = chunk_bytes + (verifier.trailer if verifier is not None else 0)
+        if size != stored:
             raise CorruptTraceError(f"array {name!r}: chunk {ci} has {size} bytes, expected "
-                                    f"{chunk_bytes} (truncated or corrupt)")
+                                    f"{stored} (truncated or corrupt)")
+        whole = verifier.check_file(ci, fd, base) if verifier is not None else None
+        if whole is not None:
+            first = (lo - ci * rows_per_chunk) * row_bytes
+            target[...] = whole[first: first + target.nbytes].reshape(target.shape)
+            continue
         want = target.nbytes
         got = os.preadv(fd, [memoryview(target).cast("B")],
                         base + (lo - ci * rows_per_chunk) * row_bytes)

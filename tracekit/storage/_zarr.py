@@ -41,6 +41,13 @@ from . import (
     read_rows_direct,
     split_rows_key,
 )
+from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, read_verified
+from ._zarr_checksums import (
+    CHECKED_CRC32C,
+    UNCHECKED_CRC32C,
+    has_crc32c,
+    verify_chunk_files,
+)
 
 ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
@@ -124,11 +131,17 @@ _BOUNDED_CODECS = {f"codecs.{key}": f"{cls.__module__}.{cls.__qualname__}" for k
     ("gzip", _BoundedGzipCodec), ("zstd", _BoundedZstdCodec), ("blosc", _BoundedBloscCodec))}
 
 
+_UNCHECKED_CODECS = {**_BOUNDED_CODECS, **UNCHECKED_CRC32C}
+_CHECKED_CODECS = {**_BOUNDED_CODECS, **CHECKED_CRC32C}
+
+
 def _raw_writable(meta: dict[str, Any]) -> bool:
-    """True when chunks are raw little-endian C-order bytes whole along every axis but the
-    first and the last (attention's key axis is chunked too): tracekit writes rows of such
-    arrays into the chunk files itself."""
+    """True when chunks are raw little-endian C-order bytes (then their crc32c, if any) whole
+    along every axis but the first and the last (attention's key axis is chunked too):
+    tracekit writes rows of such arrays into the chunk files itself."""
     codecs = meta.get("codecs")
+    if isinstance(codecs, list) and has_crc32c(meta):
+        codecs = codecs[:-1]
     if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
         return False
     codec = codecs[0]
@@ -171,9 +184,11 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
                    dims: tuple[str, ...], attrs: dict[str, Any],
-                   compression: str | None, separator: str = ".") -> dict[str, Any]:
+                   compression: str | None, separator: str = ".",
+                   checksum: bool = True) -> dict[str, Any]:
     """The zarr v3 ``zarr.json`` of a regular-grid array with fill value 0, the document
     zarr-python writes for the same array (tests check that zarr and xarray open it).
+    ``checksum``: end every chunk with its CRC-32C (the ``crc32c`` codec, format 1.1).
 
     Chunk keys use ``separator``: "." keeps an array's chunks as files of its one folder;
     with zarr's default "/" every new chunk along positions needs new directories, which
@@ -192,6 +207,8 @@ def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, .
             "shuffle": "shuffle" if dtype.itemsize > 1 else "noshuffle", "blocksize": 0}})
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}")
+    if checksum:
+        codecs.append({"name": "crc32c"})
     fill: Any = False if dtype.kind == "b" else (0.0 if dtype.kind == "f" else 0)
     return {
         "shape": [int(n) for n in shape],
@@ -272,6 +289,14 @@ class ZarrArray(StoredArray):
         self._direct_rows = _direct_readable(meta)
         self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
+        self.checksum = "crc32c" if has_crc32c(meta) else None
+        self._zarr_unchecked: zarr.Array | None = None
+        chunks = self.chunks
+        row_bytes = math.prod(chunks[1:]) * self.dtype.itemsize
+        self._verifier = ChunkVerifier(name, self.checksum, chunks[0] if chunks else 1,
+                                       (chunks[0] if chunks else 1) * row_bytes,
+                                       lambda ci: self._chunk_path(ci).name)
+        self._crc = RunningCrc()  # writers: CRC of each chunk's rows written so far
 
     def relocate(self, folder: Path, store: Any) -> None:
         """The trace was moved (from its temporary name to its final one)."""
@@ -280,18 +305,21 @@ class ZarrArray(StoredArray):
         self._zarr = None
         self._made_dirs = set()
 
+    def _open_zarr(self, codecs: dict[str, str]) -> zarr.Array:
+        try:
+            with zarr.config.set(codecs):
+                arr = zarr.open_array(store=self._store, path=self.name,
+                                      mode="r+" if self._writable else "r")
+            # Store every written chunk, zeros included, so a missing chunk means data
+            # loss (zarr would otherwise skip all-zero chunks and read them as fill value).
+            return arr.with_config({"write_empty_chunks": True})
+        except Exception as exc:
+            raise CorruptTraceError(f"array {self.name!r}: cannot open ({exc})") from exc
+
     @property
     def _arr(self) -> zarr.Array:
         if self._zarr is None:
-            try:
-                with zarr.config.set(_BOUNDED_CODECS):
-                    arr = zarr.open_array(store=self._store, path=self.name,
-                                          mode="r+" if self._writable else "r")
-                # Store every written chunk, zeros included, so a missing chunk means data
-                # loss (zarr would otherwise skip all-zero chunks and read them as fill value).
-                self._zarr = arr.with_config({"write_empty_chunks": True})
-            except Exception as exc:
-                raise CorruptTraceError(f"array {self.name!r}: cannot open ({exc})") from exc
+            self._zarr = self._open_zarr(_CHECKED_CODECS)
         return self._zarr
 
     def _locate(self, ci: int):
@@ -301,6 +329,31 @@ class ZarrArray(StoredArray):
             return None
         self._open_fds.append(fd)
         return fd, 0, os.fstat(fd).st_size
+
+    def verify_below(self, rows: int | None) -> None:
+        self._verifier.bound = rows
+
+    def verify_chunks(self, rows: int | None = None) -> list[str]:
+        if not self.checksum:
+            return []
+        counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
+        if rows is not None and counts:
+            counts[0] = min(counts[0], rows // self.chunks[0])
+        keys = (chunk_key(self._meta, idx) for idx in itertools.product(*map(range, counts)))
+        return verify_chunk_files(self.name, self._folder, keys,
+                                  self._verifier.chunk_bytes)
+
+    def _read_unchecked(self, key: tuple) -> np.ndarray:
+        """Read with a crc32c codec that strips the checksum without checking it."""
+        if self._zarr_unchecked is None:
+            self._zarr_unchecked = self._open_zarr(_UNCHECKED_CODECS)
+        return self._read_with(self._zarr_unchecked, key)
+
+    def _read_with(self, arr: zarr.Array, key: tuple) -> np.ndarray:
+        try:
+            return np.asarray(arr[key])
+        except Exception as exc:  # codecs fail in many ways (gzip: EOFError, ...)
+            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -325,22 +378,21 @@ class ZarrArray(StoredArray):
             self._open_fds: list[int] = []
             try:
                 rows = read_rows_direct(self.name, self._locate, start, stop, self.chunks[0],
-                                        self.shape[1:], self.dtype)
+                                        self.shape[1:], self.dtype, self._verifier)
             except OSError as exc:
                 raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
             finally:
                 for fd in self._open_fds:
                     os.close(fd)
             return rows[0][rest] if drop else rows[(slice(None), *rest)]
-        try:
-            return np.asarray(self._arr[key])
-        except Exception as exc:  # codecs fail in many ways (gzip: EOFError, ...)
-            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+        return read_verified(self, key, self._verifier, lambda k: self._read_with(self._arr, k),
+                             self._read_unchecked)
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
         rows = full_rows(key, value, self.shape) if self._raw_rows else None
         if rows is None:
-            self._arr[key] = value
+            self._arr[key] = value  # zarr-python rewrites the chunks, checksums included
+            self._crc.forget()
             return
         self.write_rows(rows[0], [value])
 
@@ -379,7 +431,7 @@ class ZarrArray(StoredArray):
         if not keyed:
             row_bytes = math.prod(shape[1:]) * dtype.itemsize
             for ci, lo, _hi, parts in chunk_parts(start, data, c):
-                views = [memoryview(part.reshape(-1).view(np.uint8)) for part in parts]
+                views = [part.reshape(-1).view(np.uint8) for part in parts]
                 self._pwrite_chunk(ci, views, (lo - ci * c) * row_bytes, c * row_bytes)
             return
         k = chunks[-1]
@@ -394,7 +446,7 @@ class ZarrArray(StoredArray):
                     piece = part[..., kj * k: (kj + 1) * k]
                     seg[row: row + len(part), ..., : piece.shape[-1]] = piece
                     row += len(part)
-                self._pwrite_chunk(ci, [memoryview(seg.reshape(-1).view(np.uint8))],
+                self._pwrite_chunk(ci, [seg.reshape(-1).view(np.uint8)],
                                    (lo - ci * c) * row_bytes, c * row_bytes, kj)
 
     def _chunk_path(self, ci: int, last: int = 0) -> Path:
@@ -404,38 +456,65 @@ class ZarrArray(StoredArray):
             tail[-1] = last
         return self._folder / chunk_key(self._meta, [ci, *tail])
 
-    def _pwrite_chunk(self, ci: int, views: list[memoryview], offset: int,
+    def _pwrite_chunk(self, ci: int, views: list[np.ndarray], offset: int,
                       chunk_bytes: int, last: int = 0) -> None:
+        """Write ``views`` (uint8) at ``offset`` of a chunk file, then the chunk's crc32c:
+        the CRC of the rows written so far extended over the zero tail, so the stored
+        checksum is right once this returns (before the commit counter is written). A chunk
+        whose write fails half-way is remembered and its checksum rewritten at the end."""
+        key = (ci, last)
         path = self._chunk_path(ci, last)
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        tail = CHUNK_CHECKSUM_BYTES if self.checksum else 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
                 # A new chunk gets its full length (zeros, the fill value) before any row is
                 # written, so it is never short; its blocks allocated at once where the file
                 # system can (steadily fast writes, see ``allocate``).
-                if not allocate(fd, 0, chunk_bytes):
-                    os.ftruncate(fd, chunk_bytes)
-            elif size != chunk_bytes:
+                if not allocate(fd, 0, chunk_bytes + tail):
+                    os.ftruncate(fd, chunk_bytes + tail)
+            elif size != chunk_bytes + tail:
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
-                                        f"expected {chunk_bytes}")
-            # pwritev takes at most IOV_MAX buffers and may write less than asked.
+                                        f"expected {chunk_bytes + tail}")
             pending = [v for v in views if len(v)]
-            while pending:
-                batch = pending[:512]
-                done = os.pwritev(fd, batch, offset)
-                offset += done
-                while batch and done >= len(batch[0]):
-                    done -= len(batch[0])
-                    batch.pop(0)
-                    pending.pop(0)
-                if done:
-                    pending[0] = pending[0][done:]
+            if tail:
+                self._crc.write(key, fd, pending, offset, chunk_bytes, size == 0,
+                                self._pwritev)
+            else:
+                self._pwritev(fd, pending, offset)
         finally:
             os.close(fd)
+
+    def repair_checksums(self) -> None:
+        """Chunks a failed write left with a stale checksum get the one of what they hold."""
+
+        def open_chunk(key: tuple[int, int]) -> tuple[int, int] | None:
+            path = self._chunk_path(*key)
+            if not path.is_file():  # trimmed away
+                return None
+            return os.open(path, os.O_RDWR), path.stat().st_size - CHUNK_CHECKSUM_BYTES
+
+        self._crc.repair(open_chunk, self._pwritev)
+
+    @staticmethod
+    def _pwritev(fd: int, pending: list[np.ndarray], offset: int) -> None:
+        """Write all of ``pending`` from ``offset``: pwritev takes at most IOV_MAX buffers and
+        may write less than asked."""
+        pending = list(pending)
+        while pending:
+            batch = pending[:512]
+            done = os.pwritev(fd, batch, offset)
+            offset += done
+            while batch and done >= len(batch[0]):
+                done -= len(batch[0])
+                batch.pop(0)
+                pending.pop(0)
+            if done:
+                pending[0] = pending[0][done:]
 
     def resize(self, shape: tuple[int, ...]) -> None:
         """Rewrite the shape in ``zarr.json`` and delete chunks wholly outside it."""
@@ -608,6 +687,11 @@ class ZarrBackend(Backend):
         self._store = zarr.storage.LocalStore(str(self.path))
         for name, arr in self._created.items():
             arr.relocate(self.path / name, self._store)
+
+    def end_streaming(self) -> None:
+        """Every chunk's checksum right before the trace is finalized (see repair_checksums)."""
+        for arr in self._created.values():
+            arr.repair_checksums()
 
     def seal(self) -> None:
         """Consolidate metadata (every array's zarr.json inlined in the group's, zarr-python's
