@@ -339,6 +339,10 @@ class Trace:
         committed = {"position": self.n_positions, "key": self.n_positions,
                      "step": self.n_steps}
         check_shape(name, stored.shape, expected, dims, committed)
+        if any(c > max(e, 1) for c, e in zip(stored.chunks, expected, strict=True)):
+            # Decoding one chunk would cost more than the whole array was allocated.
+            raise CorruptTraceError(f"array {name!r}: chunks {stored.chunks} exceed its "
+                                    f"allocated shape {expected}")
         want = np.dtype(np.uint16) if logical == "bfloat16" else np.dtype(logical)
         if stored.dtype != want:
             raise CorruptTraceError(f"array {name!r} is stored as {stored.dtype}, expected {want}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TraceError
+from .errors import TraceError, one_line
 from .format import TracePlan
 from .reader import Trace
 from .schema import schema_errors
@@ -27,7 +27,13 @@ Progress = Callable[[int, int], None]
 
 def validate(path: str | os.PathLike[str], *, quick: bool = False,
              progress: Progress | None = None) -> list[str]:
-    """Problems found in the trace at ``path`` (empty when it is valid)."""
+    """Problems found in the trace at ``path`` (empty when it is valid), one printable line
+    of bounded length each (they quote values from the trace)."""
+    return [one_line(p) for p in _problems(path, quick, progress)]
+
+
+def _problems(path: str | os.PathLike[str], quick: bool,
+              progress: Progress | None) -> list[str]:
     try:
         backend = open_backend(Path(path))
     except TraceError as exc:
@@ -123,6 +129,13 @@ def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[
     for name in names:
         arr = trace[name]
         rows = trace.n_steps if arr.dims[0] == "step" else trace.n_positions
+        stored = arr._stored
+        partial = [d for d, c, n in zip(arr.dims[1:], stored.chunks[1:], stored.shape[1:],
+                                        strict=True) if d != "key" and c < n]
+        if partial:  # the spec's layout; it also bounds each read below to one chunk
+            problems.append(f"array {name!r}: chunks do not hold whole rows along "
+                            f"{', '.join(partial)}")
+            continue
         if name != "attention":  # attention skips all-zero key chunks by design
             missing = arr._stored.missing_chunks(rows)
             if missing:
@@ -132,12 +145,18 @@ def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[
         if quick:
             continue
         block = max(1, arr.chunks[0])
+        # One chunk at a time (key chunks too), so no read is larger than a chunk.
+        width = arr.shape[-1] if arr.dims[-1] == "key" else 1
+        keys = max(1, arr.chunks[-1]) if arr.dims[-1] == "key" else 1
         try:
             for start in range(0, arr.shape[0], block):
-                part = arr[start:start + block]
-                done += part.nbytes
-                if progress:
-                    progress(done, total)
+                for k in range(0, width, keys):
+                    key = (slice(start, start + block), Ellipsis) if width == 1 else (
+                        slice(start, start + block), Ellipsis, slice(k, k + keys))
+                    part = arr[key]
+                    done += part.nbytes
+                    if progress:
+                        progress(done, total)
         except TraceError as exc:
             problems.append(str(exc))
     return problems

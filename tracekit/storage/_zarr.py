@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,27 +42,25 @@ from . import (
     read_rows_direct,
     split_rows_key,
 )
+from ._safety import LinkError, check_encodable, open_beneath, open_dir, read_capped
+from ._zarr_checks import SafeLocalStore, check_array_metadata
 
 ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
 )
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(root: Path, rel: str, what: str) -> dict[str, Any]:
+    """The JSON object in file ``rel`` of the trace folder ``root``: read without following
+    links, from a regular file only, at most MAX_METADATA_BYTES (see ``_safety``)."""
+    raw = read_capped(root, rel, MAX_METADATA_BYTES, what)
     try:
-        size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise MissingArrayError(f"{what}: {path.name} is missing") from exc
-    if size > MAX_METADATA_BYTES:
-        raise MetadataError(f"{what}: {path.name} is {size} bytes (limit {MAX_METADATA_BYTES})")
-    try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise MetadataError(f"{what}: {path.name} is not valid JSON ({exc})") from exc
-    except OSError as exc:  # e.g. a directory named zarr.json
-        raise MetadataError(f"{what}: {path.name} is unreadable ({exc})") from exc
+        raise MetadataError(f"{what}: {rel} is not valid JSON ({exc})") from exc
     if not isinstance(obj, dict):
-        raise MetadataError(f"{what}: {path.name} is not a JSON object")
+        raise MetadataError(f"{what}: {rel} is not a JSON object")
+    check_encodable(obj, raw, what)
     return obj
 
 
@@ -268,6 +267,7 @@ class ZarrArray(StoredArray):
         self._direct_rows = _direct_readable(meta)
         self._raw_rows = _raw_writable(meta)
         self._made_dirs: set[Path] = set()
+        self._dir_fd: int | None = None  # the folder's descriptor, for direct reads
 
     def relocate(self, folder: Path, store: Any) -> None:
         """The trace was moved (from its temporary name to its final one)."""
@@ -275,6 +275,7 @@ class ZarrArray(StoredArray):
         self._store = store
         self._zarr = None
         self._made_dirs = set()
+        self._dir_fd = None  # the old one is closed when this array is collected
 
     @property
     def _arr(self) -> zarr.Array:
@@ -291,10 +292,16 @@ class ZarrArray(StoredArray):
         return self._zarr
 
     def _locate(self, ci: int):
+        # Relative to the array's folder, without following links, regular files only.
+        if self._dir_fd is None:
+            self._dir_fd = open_dir(self._folder)
+            weakref.finalize(self, os.close, self._dir_fd)
         try:
-            fd = os.open(self._chunk_path(ci), os.O_RDONLY)
+            fd = open_beneath(self._dir_fd, chunk_key(self._meta, self._chunk_index(ci)))
         except FileNotFoundError:
             return None
+        except LinkError as exc:
+            raise CorruptTraceError(f"array {self.name!r}: chunk {exc}") from exc
         self._open_fds.append(fd)
         return fd, 0, os.fstat(fd).st_size
 
@@ -393,12 +400,15 @@ class ZarrArray(StoredArray):
                 self._pwrite_chunk(ci, [memoryview(seg.reshape(-1).view(np.uint8))],
                                    (lo - ci * c) * row_bytes, c * row_bytes, kj)
 
-    def _chunk_path(self, ci: int, last: int = 0) -> Path:
+    def _chunk_index(self, ci: int, last: int = 0) -> list[int]:
         """Chunk ``ci`` along the first axis (and ``last`` along the last, if chunked)."""
         tail = [0] * (len(self.dims) - 1)
         if tail:
             tail[-1] = last
-        return self._folder / chunk_key(self._meta, [ci, *tail])
+        return [ci, *tail]
+
+    def _chunk_path(self, ci: int, last: int = 0) -> Path:
+        return self._folder / chunk_key(self._meta, self._chunk_index(ci, last))
 
     def _pwrite_chunk(self, ci: int, views: list[memoryview], offset: int,
                       chunk_bytes: int, last: int = 0) -> None:
@@ -485,13 +495,13 @@ class ZarrBackend(Backend):
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> ZarrBackend:
-        root = _read_json(path / "zarr.json", str(path))
+        root = _read_json(path, "zarr.json", str(path))
         if root.get("zarr_format") != 3 or root.get("node_type") != "group":
             raise NotATraceError(f"{path}: not a zarr v3 group")
         attrs = root.get("attributes")
         if not isinstance(attrs, dict) or ROOT_KEY not in attrs:
             raise NotATraceError(f"{path}: zarr group without '{ROOT_KEY}' metadata")
-        store = zarr.storage.LocalStore(str(path), read_only=not writable)
+        store = SafeLocalStore(str(path), read_only=not writable)
         try:
             # Not the consolidated copy: every array's own zarr.json is checked against the
             # allowlist before it is opened, and zarr must not parse unchecked array metadata.
@@ -504,7 +514,7 @@ class ZarrBackend(Backend):
     # -- metadata ---------------------------------------------------------------------------
     def read_root_meta(self) -> dict[str, Any]:
         try:
-            root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+            root = _read_json(self.path, "zarr.json", str(self.path))  # type: ignore[arg-type]
         except MissingArrayError as exc:  # created, and no metadata written yet
             raise NotATraceError(f"{self.path}: no zarr.json") from exc
         meta = root.get("attributes", {}).get(ROOT_KEY)
@@ -539,9 +549,10 @@ class ZarrBackend(Backend):
     def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
         if name in self._created:
             return self._created[name]
-        meta = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+        meta = _read_json(self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
         if meta.get("node_type") != "array":
             raise CorruptTraceError(f"{name!r} is not an array")
+        check_array_metadata(name, meta)
         _check_codecs(name, meta.get("codecs"))
         dims = meta.get("dimension_names")
         shape = meta.get("shape")
@@ -567,7 +578,7 @@ class ZarrBackend(Backend):
     def metadata_problems(self) -> list[str]:
         """tracekit reads each array's own zarr.json; xarray and zarr read the consolidated
         copy in the group's. Where they differ, those tools would see another trace."""
-        root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+        root = _read_json(self.path, "zarr.json", str(self.path))  # type: ignore[arg-type]
         consolidated = root.get("consolidated_metadata")
         if consolidated is None:
             return []
@@ -577,7 +588,7 @@ class ZarrBackend(Backend):
         problems = []
         names = self.array_names()
         for name in names:
-            own = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+            own = _read_json(self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
             if name not in inline:
                 problems.append(f"array {name!r} is missing from the consolidated metadata")
             elif inline[name] != own:
@@ -612,7 +623,7 @@ class ZarrBackend(Backend):
         for name in self.array_names():
             made = self._created.get(name)  # its zarr.json is what this backend last wrote
             arrays[name] = made._meta if made is not None else _read_json(
-                self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+                self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
         _write_json(self.path / "zarr.json",  # type: ignore[operator]
                     _group_document(self.read_root_meta(), arrays))
 
