@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from . import __version__
 from ._cliutil import TraceCommand, disk_usage, human_bytes, index_ranges
@@ -53,15 +54,17 @@ def _trace_text(trace, limit: int = INFO_TEXT_CHARS) -> tuple[str, bool]:
     """The sequence's text up to ``limit`` characters, and whether that is all of it."""
     parts: list[str] = []
     size = 0
-    for lo in range(0, trace.n_positions, _TEXT_BLOCK):
-        hi = min(trace.n_positions, lo + _TEXT_BLOCK)
-        raw, nbytes = trace["token_bytes"][lo:hi], trace["token_nbytes"][lo:hi]
-        for row, n in zip(raw, nbytes, strict=True):
-            parts.append(decode_token_text(bytes(row[: min(max(int(n), 0), len(row))])))
+    end = min(trace.n_positions, limit)  # tokens rarely add nothing: a bound on the reads
+    for lo in range(0, end, _TEXT_BLOCK):
+        hi = min(end, lo + _TEXT_BLOCK)
+        raw = trace["token_bytes"][lo:hi]
+        lengths = np.clip(trace["token_nbytes"][lo:hi], 0, raw.shape[1])
+        for i in np.flatnonzero(lengths):  # empty tokens add nothing
+            parts.append(decode_token_text(raw[i, : lengths[i]].tobytes()))
             size += len(parts[-1])
             if size > limit:
                 return "".join(parts)[:limit], False
-    return "".join(parts), True
+    return "".join(parts), end == trace.n_positions
 
 
 def _info_json(trace, path: Path) -> dict[str, Any]:

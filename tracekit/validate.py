@@ -129,13 +129,6 @@ def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[
     for name in names:
         arr = trace[name]
         rows = trace.n_steps if arr.dims[0] == "step" else trace.n_positions
-        stored = arr._stored
-        partial = [d for d, c, n in zip(arr.dims[1:], stored.chunks[1:], stored.shape[1:],
-                                        strict=True) if d != "key" and c < n]
-        if partial:  # the spec's layout; it also bounds each read below to one chunk
-            problems.append(f"array {name!r}: chunks do not hold whole rows along "
-                            f"{', '.join(partial)}")
-            continue
         if name != "attention":  # attention skips all-zero key chunks by design
             missing = arr._stored.missing_chunks(rows)
             if missing:
@@ -145,7 +138,8 @@ def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[
         if quick:
             continue
         block = max(1, arr.chunks[0])
-        # One chunk at a time (key chunks too), so no read is larger than a chunk.
+        # One chunk at a time (key chunks too; the reader checked that chunks hold whole
+        # rows along every other axis), so no read is larger than a chunk.
         width = arr.shape[-1] if arr.dims[-1] == "key" else 1
         keys = max(1, arr.chunks[-1]) if arr.dims[-1] == "key" else 1
         try:
