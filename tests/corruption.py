@@ -205,6 +205,17 @@ def _(t: Path) -> None:
     edit_json(t / "zarr.json", lambda r: r["consolidated_metadata"]["metadata"].pop("mlp_out"))
 
 
+@_z("consolidated-entry-not-an-object", None, "residual.*consolidated metadata is not an")
+def _(t: Path) -> None:
+    edit_json(t / "zarr.json", lambda r: r["consolidated_metadata"]["metadata"].update(
+        residual="a string"))
+
+
+@_z("root-attributes-not-an-object", NotATraceError, "tracekit")
+def _(t: Path) -> None:
+    edit_json(t / "zarr.json", lambda r: r.update(attributes="a string"))
+
+
 @_z("metadata-missing", NotATraceError, "tracekit")
 def _(t: Path) -> None:
     edit_json(t / "zarr.json", lambda r: r["attributes"].pop("tracekit"))

@@ -517,7 +517,8 @@ class ZarrBackend(Backend):
             root = _read_json(self.path, "zarr.json", str(self.path))  # type: ignore[arg-type]
         except MissingArrayError as exc:  # created, and no metadata written yet
             raise NotATraceError(f"{self.path}: no zarr.json") from exc
-        meta = root.get("attributes", {}).get(ROOT_KEY)
+        attrs = root.get("attributes")
+        meta = attrs.get(ROOT_KEY) if isinstance(attrs, dict) else None
         if not isinstance(meta, dict):
             raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata object")
         return meta
@@ -591,6 +592,8 @@ class ZarrBackend(Backend):
             own = _read_json(self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
             if name not in inline:
                 problems.append(f"array {name!r} is missing from the consolidated metadata")
+            elif not isinstance(inline[name], dict):
+                problems.append(f"array {name!r}: consolidated metadata is not an object")
             elif inline[name] != own:
                 keys = sorted(k for k in set(own) | set(inline[name])
                               if own.get(k) != inline[name].get(k))
