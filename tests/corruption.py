@@ -616,6 +616,17 @@ def _(t: Path) -> None:
     (t / "residual").symlink_to(outside)
 
 
+@_z("chunk-folder-links-outside", CorruptTraceError, "token_bytes.*symbolic link")
+def _(t: Path) -> None:
+    """With "/" chunk keys (c/0/0) a folder on the way to a chunk can be a link, too."""
+    edit_array_json(t, "token_bytes", lambda a: a.update(
+        chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}}))
+    outside = t.parent / "elsewhere" / "0"
+    outside.mkdir(parents=True)
+    chunk_files(t, "token_bytes")[0].rename(outside / "0")
+    (t / "token_bytes" / "c").symlink_to(outside.parent)
+
+
 @_z("chunk-is-a-fifo", CorruptTraceError, "token_bytes.*FIFO")
 def _(t: Path) -> None:
     _fifo(chunk_files(t, "token_bytes")[0])
@@ -702,6 +713,11 @@ for _i, _name in enumerate([{"bytes": 1}, ["bytes"]]):
     @_z(f"codec-name-not-a-string-{_i}", CorruptTraceError, "residual.*name")
     def _(t: Path, cname: Any = _name) -> None:
         edit_array_json(t, "residual", lambda a: a.update(codecs=[{"name": cname}]))
+
+
+@_z("codec-a-bare-sharding-name", CorruptTraceError, "token_nbytes.*name")
+def _(t: Path) -> None:
+    edit_array_json(t, "token_nbytes", lambda a: a.update(codecs=["sharding_indexed"]))
 
 
 @_z("chunk-grid-configuration-a-list", CorruptTraceError, "residual.*chunk grid")

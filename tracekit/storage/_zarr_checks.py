@@ -50,8 +50,6 @@ def _check_codec_list(name: str, codecs: Any, where: str) -> None:
     if not isinstance(codecs, list):
         raise CorruptTraceError(f"array {name!r}: {where} must be a list, not {_short(codecs)}")
     for codec in codecs:
-        if isinstance(codec, str):
-            continue  # zarr's short form: a name without configuration
         if not isinstance(codec, dict) or not isinstance(codec.get("name"), str):
             raise CorruptTraceError(f"array {name!r}: {where} entry {_short(codec)} has no "
                                     f"string 'name'")
