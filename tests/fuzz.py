@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 OUTCOMES = ("clean", "accepted", "traceback", "hang", "signal", "memory")
 BAD = ("traceback", "hang", "signal", "memory")
 MEMORY_LIMIT = 4 << 30
-CASE_TIMEOUT_S = 20.0
+CASE_TIMEOUT_S = 30.0
 SEEDS = ("zarr", "zarr-zstd", "hdf5")
 
 
