@@ -102,3 +102,33 @@ def test_info_allocates_nothing_in_proportion_to_declared_shapes(tmp_path) -> No
     assert result.returncode == 1 and len(result.stderr.strip().split("\n")) >= 1
     assert "Traceback" not in result.stderr, result.stderr
     assert rss < 1 << 30, f"validate reached {rss / 1e9:.1f} GB"
+
+
+CHILD = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+from click.testing import CliRunner
+from tracekit.cli import main
+for path in sys.argv[1:]:
+    for command in ("info", "validate"):
+        start = time.monotonic()
+        result = CliRunner().invoke(main, [command, path])
+        exc = result.exception
+        bad = None if exc is None or isinstance(exc, SystemExit) else repr(exc)[:300]
+        print(json.dumps({{"path": path, "command": command, "error": bad,
+                          "seconds": time.monotonic() - start}}), flush=True)
+"""
+
+
+def test_every_hostile_case_ends_within_seconds_under_4_gib(sources, tmp_path) -> None:
+    """All hostile corpus cases through ``info`` and ``validate`` in one child process
+    limited to 4 GiB of address space: no exception, no case over 10 s."""
+    paths = [str(materialize(case, sources, tmp_path / case.name)) for case in HOSTILE]
+    result = subprocess.run([sys.executable, "-c", CHILD.format(limit=LIMIT), *paths],
+                            capture_output=True, text=True, timeout=20 * len(paths))
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(runs) == 2 * len(paths)
+    for run in runs:
+        assert run["error"] is None, run
+        assert run["seconds"] < 10, run
