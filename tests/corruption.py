@@ -219,6 +219,17 @@ def _(t: Path) -> None:
     edit_json(t / "zarr.json", lambda r: r["consolidated_metadata"]["metadata"].pop("mlp_out"))
 
 
+@_z("consolidated-entry-not-an-object", None, "residual.*consolidated metadata is not an")
+def _(t: Path) -> None:
+    edit_json(t / "zarr.json", lambda r: r["consolidated_metadata"]["metadata"].update(
+        residual="a string"))
+
+
+@_z("root-attributes-not-an-object", NotATraceError, "tracekit")
+def _(t: Path) -> None:
+    edit_json(t / "zarr.json", lambda r: r.update(attributes="a string"))
+
+
 @_z("metadata-missing", NotATraceError, "tracekit")
 def _(t: Path) -> None:
     edit_json(t / "zarr.json", lambda r: r["attributes"].pop("tracekit"))
@@ -558,6 +569,212 @@ def _(t: Path) -> None:
     edit_chunk(chunk_files(t, "head")[0], 0, np.array([1], "<i8").tobytes())
 
 
+# -- hostile zarr traces: links, special files, budgets, malformed array metadata ------------
+def _zstd_chunks(t: Path, name: str) -> list[Path]:
+    """Make array ``name`` zstd-compressed (re-encoding its chunks), so that zarr-python, not
+    tracekit's direct reads, opens its chunk files."""
+    from numcodecs.zstd import Zstd
+
+    edit_array_json(t, name, lambda a: a["codecs"].append(
+        {"name": "zstd", "configuration": {"level": 1, "checksum": False}}))
+    files = chunk_files(t, name)
+    for f in files:
+        f.write_bytes(Zstd(level=1).encode(f.read_bytes()))
+    return files
+
+
+def _link(path: Path, target: str) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def zstd_rle_bomb(nbytes: int) -> bytes:
+    """A zstd frame of ``nbytes`` zeros made of RLE blocks: 4 bytes per 128 KiB, so 1.5 GB
+    takes 48 KB (and no time or memory to make)."""
+    block = 1 << 17
+    out = bytearray(b"\x28\xb5\x2f\xfd\xe0" + nbytes.to_bytes(8, "little"))
+    left = nbytes
+    while left:
+        n = min(block, left)
+        left -= n
+        out += ((n << 3) | (1 << 1) | (left == 0)).to_bytes(3, "little") + b"\x00"
+    return bytes(out)
+
+
+@_z("chunk-links-to-etc-passwd", CorruptTraceError, "token_bytes.*symbolic link")
+def _(t: Path) -> None:
+    _link(chunk_files(t, "token_bytes")[0], "/etc/passwd")
+
+
+@_z("compressed-chunk-links-to-etc-passwd", CorruptTraceError, "mlp_out.*symbolic link")
+def _(t: Path) -> None:
+    _link(_zstd_chunks(t, "mlp_out")[0], "/etc/passwd")
+
+
+@_z("chunk-links-inside-the-trace", CorruptTraceError, "symbolic link")
+def _(t: Path) -> None:
+    _link(chunk_files(t, "token_id")[0], str(chunk_files(t, "token_step")[0].resolve()))
+
+
+@_z("array-json-links-to-etc-passwd", MetadataError, "residual.*symbolic link")
+def _(t: Path) -> None:
+    _link(t / "residual" / "zarr.json", "/etc/passwd")
+
+
+@_z("array-json-links-to-dev-urandom", MetadataError, "residual.*symbolic link")
+def _(t: Path) -> None:
+    _link(t / "residual" / "zarr.json", "/dev/urandom")
+
+
+@_z("array-folder-links-outside", MetadataError, "residual.*symbolic link")
+def _(t: Path) -> None:
+    outside = t.parent / "elsewhere"
+    shutil.copytree(t / "residual", outside)
+    shutil.rmtree(t / "residual")
+    (t / "residual").symlink_to(outside)
+
+
+@_z("chunk-folder-links-outside", CorruptTraceError, "token_bytes.*symbolic link")
+def _(t: Path) -> None:
+    """With "/" chunk keys (c/0/0) a folder on the way to a chunk can be a link, too."""
+    edit_array_json(t, "token_bytes", lambda a: a.update(
+        chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}}))
+    outside = t.parent / "elsewhere" / "0"
+    outside.mkdir(parents=True)
+    chunk_files(t, "token_bytes")[0].rename(outside / "0")
+    (t / "token_bytes" / "c").symlink_to(outside.parent)
+
+
+@_z("chunk-is-a-fifo", CorruptTraceError, "token_bytes.*FIFO")
+def _(t: Path) -> None:
+    _fifo(chunk_files(t, "token_bytes")[0])
+
+
+@_z("compressed-chunk-is-a-fifo", CorruptTraceError, "mlp_out.*FIFO")
+def _(t: Path) -> None:
+    _fifo(_zstd_chunks(t, "mlp_out")[0])
+
+
+@_z("array-json-is-a-fifo", MetadataError, "residual.*FIFO")
+def _(t: Path) -> None:
+    _fifo(t / "residual" / "zarr.json")
+
+
+@_z("root-json-links-to-etc-passwd", MetadataError, "symbolic link")
+def _(t: Path) -> None:
+    _link(t / "zarr.json", "/etc/passwd")
+
+
+@_z("layout-over-the-trace-budget", MetadataError, "declares .* bytes")
+def _(t: Path) -> None:
+    """Every dimension within its own limit, their product far beyond any disk."""
+    def edit(m: dict[str, Any]) -> None:
+        m["capture"]["max_positions"] = 1 << 24
+        m["model"].update(n_heads=4096)
+    edit_meta(t, edit)
+
+
+@_z("zstd-bomb-with-raised-chunk-shape", CorruptTraceError, "mlp_out.*per chunk")
+def _(t: Path) -> None:
+    """A 48 KB chunk that decodes to the 1.5 GB its raised chunk_shape declares."""
+    files = _zstd_chunks(t, "mlp_out")
+    edit_array_json(t, "mlp_out", lambda a: a["chunk_grid"]["configuration"].update(
+        chunk_shape=[1 << 25, 3, 8]))
+    bomb = zstd_rle_bomb((1 << 25) * 3 * 8 * 2)
+    for f in files:
+        f.write_bytes(bomb)
+
+
+@_z("zstd-bomb-with-chunk-shape-beyond-the-array", CorruptTraceError, "mlp_out.*chunks")
+def _(t: Path) -> None:
+    """Within the per-chunk limit, but larger than the array was ever allocated."""
+    files = _zstd_chunks(t, "mlp_out")
+    edit_array_json(t, "mlp_out", lambda a: a["chunk_grid"]["configuration"].update(
+        chunk_shape=[1 << 20, 3, 8]))
+    bomb = zstd_rle_bomb((1 << 20) * 3 * 8 * 2)
+    for f in files:
+        f.write_bytes(bomb)
+
+
+@_z("chunk-key-encoding-v2", CorruptTraceError, "residual.*chunk_key_encoding")
+def _(t: Path) -> None:
+    edit_array_json(t, "residual", lambda a: a.update(
+        chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}))
+
+
+@_z("chunk-key-separator-unknown", CorruptTraceError, "residual.*chunk_key_encoding")
+def _(t: Path) -> None:
+    edit_array_json(t, "residual", lambda a: a.update(
+        chunk_key_encoding={"name": "default", "configuration": {"separator": ["."]}}))
+
+
+@_z("data-type-missing", CorruptTraceError, "token_id.*data_type")
+def _(t: Path) -> None:
+    edit_array_json(t, "token_id", lambda a: a.pop("data_type"))
+
+
+for _i, _dtype in enumerate(["(100000000000,)i8", {"name": "int64"}, ["int64"], "<i8"]):
+    @_z(f"data-type-odd-{_i}", DisallowedCodecError, "token_id.*data type")
+    def _(t: Path, dtype: Any = _dtype) -> None:
+        edit_array_json(t, "token_id", lambda a: a.update(data_type=dtype))
+
+
+for _i, _conf in enumerate(["little", ["endian", "little"], None]):
+    @_z(f"codec-configuration-not-an-object-{_i}", CorruptTraceError,
+        "residual.*configuration")
+    def _(t: Path, conf: Any = _conf) -> None:
+        edit_array_json(t, "residual", lambda a: a.update(
+            codecs=[{"name": "bytes", "configuration": conf}]))
+
+
+for _i, _name in enumerate([{"bytes": 1}, ["bytes"]]):
+    @_z(f"codec-name-not-a-string-{_i}", CorruptTraceError, "residual.*name")
+    def _(t: Path, cname: Any = _name) -> None:
+        edit_array_json(t, "residual", lambda a: a.update(codecs=[{"name": cname}]))
+
+
+@_z("codec-a-bare-sharding-name", CorruptTraceError, "token_nbytes.*name")
+def _(t: Path) -> None:
+    edit_array_json(t, "token_nbytes", lambda a: a.update(codecs=["sharding_indexed"]))
+
+
+@_z("chunk-grid-configuration-a-list", CorruptTraceError, "residual.*chunk grid")
+def _(t: Path) -> None:
+    edit_array_json(t, "residual", lambda a: a["chunk_grid"].update(configuration=[4, 4]))
+
+
+for _version in ("\u00b2.0", "1.\u00b2", "\u0661.0"):
+    @_z(f"version-unicode-digit-{_version.encode('unicode_escape').decode()}", MetadataError,
+        "version")
+    def _(t: Path, version: str = _version) -> None:
+        edit_meta(t, lambda m: set_path(m, "version", version))
+
+
+@_z("metadata-lone-surrogate", MetadataError, "surrogate")
+def _(t: Path) -> None:
+    edit_meta(t, lambda m: set_path(m, "model.name", "tiny\udc80"))
+
+
+@_z("array-attributes-lone-surrogate", MetadataError, "residual.*surrogate")
+def _(t: Path) -> None:
+    edit_json(t / "residual" / "zarr.json", lambda a: a["attributes"].update(note="\ud800"))
+
+
+@_z("message-quotes-a-100kB-value", DisallowedCodecError, r"token_id.*\.\.\.")
+def _(t: Path) -> None:
+    edit_array_json(t, "token_id", lambda a: a.update(data_type="x\n" * 50_000))
+
+
+@_z("message-quotes-newlines-and-escapes", MetadataError, "schema")
+def _(t: Path) -> None:
+    edit_meta(t, lambda m: set_path(m, "schema", "evil\n\x1b[2J" + "y" * 100_000))
+
+
 # -- HDF5 cases -----------------------------------------------------------------------------
 HDF5_CASES: list[Case] = []
 
@@ -749,6 +966,32 @@ def _(t: Path) -> None:
             fh.write(b"\xa5" * info.size)
 
 
+for _version in ("\u00b2.0", "1.\u00b2"):
+    @_h(f"version-unicode-digit-{_version.encode('unicode_escape').decode()}", MetadataError,
+        "version")
+    def _(t: Path, version: str = _version) -> None:
+        meta = h5_meta(t)
+        meta["version"] = version
+        text = json.dumps(meta).encode()
+        h5_set_meta(t, text, dtype=h5py.string_dtype("utf-8", len(text)))
+
+
+@_h("metadata-lone-surrogate", MetadataError, "surrogate")
+def _(t: Path) -> None:
+    meta = h5_meta(t)
+    meta["model"]["name"] = "tiny\udc80"
+    text = json.dumps(meta).encode()
+    h5_set_meta(t, text, dtype=h5py.string_dtype("utf-8", len(text)))
+
+
+@_h("message-quotes-newlines", MetadataError, "schema")
+def _(t: Path) -> None:
+    meta = h5_meta(t)
+    meta["schema"] = "evil\n\x1b[2J" + "y" * 100_000
+    text = json.dumps(meta).encode()
+    h5_set_meta(t, text, dtype=h5py.string_dtype("utf-8", len(text)))
+
+
 def _h5_replace(t: Path, name: str, **create: Any) -> None:
     """Rewrite dataset ``name`` with other creation properties, keeping data and dim labels."""
     with h5py.File(t, "r+") as f:
@@ -849,6 +1092,26 @@ def _(d: Path) -> Path:
     with h5py.File(d / "plain.h5", "w") as f:
         f["x"] = np.arange(3)
     return d / "plain.h5"
+
+
+@_o("root-json-links-to-dev-urandom", NotATraceError)
+def _(d: Path) -> Path:
+    (d / "odd.zarr").mkdir()
+    (d / "odd.zarr" / "zarr.json").symlink_to("/dev/urandom")
+    return d / "odd.zarr"
+
+
+@_o("root-json-is-a-fifo", NotATraceError)
+def _(d: Path) -> Path:
+    (d / "odd.zarr").mkdir()
+    os.mkfifo(d / "odd.zarr" / "zarr.json")
+    return d / "odd.zarr"
+
+
+@_o("trace-is-a-fifo", NotATraceError)
+def _(d: Path) -> Path:
+    os.mkfifo(d / "trace.h5")
+    return d / "trace.h5"
 
 
 @_o("zarr-json-is-a-directory", NotATraceError)

@@ -15,7 +15,7 @@ import tracegen
 from corruption import ALL_CASES, PWNED, Case, flip_bits, make_sources, materialize
 
 import tracekit
-from tracekit.errors import TraceError
+from tracekit.errors import MAX_MESSAGE_CHARS, TraceError
 from tracekit.validate import validate
 
 SEED = 11
@@ -96,7 +96,9 @@ def test_corrupt_input_gets_a_clear_error(case: Case, sources, tmp_path) -> None
         assert exc is None, f"expected to open and read, got {exc!r}"
         assert any(re.search(case.match, p) for p in problems), problems
         return
+    assert all(len(p) <= MAX_MESSAGE_CHARS for p in problems), problems
     assert exc is not None, f"opened and read without error; validate says {problems}"
+    assert "\n" not in str(exc) and len(str(exc)) <= MAX_MESSAGE_CHARS, str(exc)
     assert isinstance(exc, case.error), f"expected {case.error.__name__}, got {exc!r}"
     assert re.search(case.match, str(exc)), f"{str(exc)!r} does not match {case.match!r}"
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import TraceError
+from .errors import TraceError, one_line
 
 
 class TraceCommand(click.Command):
@@ -17,10 +19,10 @@ class TraceCommand(click.Command):
         try:
             return super().invoke(ctx)
         except TraceError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(str(exc)) from None  # one line: see TraceError
         except OSError as exc:
-            raise click.ClickException(
-                f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
+            raise click.ClickException(one_line(
+                f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "))) from None
 
 
 #: Output names a new trace may have when no --format is given, and the format each gets.
@@ -50,10 +52,16 @@ def human_bytes(n: float) -> str:
 
 
 def disk_usage(path: Path) -> int:
-    """Bytes a trace takes on disk (a file, or every file under a directory)."""
+    """Bytes a trace takes on disk (a file, or every regular file under a directory; links
+    are not followed)."""
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 def index_ranges(values: list[int]) -> str:

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from . import __version__
 from ._cliutil import TraceCommand, disk_usage, human_bytes, index_ranges, output_format
+from .errors import one_line
+from .format import decode_token_text
 
 
 @contextmanager
@@ -41,7 +44,31 @@ def main() -> None:
     """Record what a transformer does, token by token, and replay it anywhere."""
 
 
+#: Characters of the sequence's text ``info`` shows: a trace may declare millions of positions
+#: of 4 kB tokens, and ``info`` allocates nothing in proportion to what a trace declares.
+INFO_TEXT_CHARS = 100_000
+_TEXT_BLOCK = 4096  # positions read at a time
+
+
+def _trace_text(trace, limit: int = INFO_TEXT_CHARS) -> tuple[str, bool]:
+    """The sequence's text up to ``limit`` characters, and whether that is all of it."""
+    parts: list[str] = []
+    size = 0
+    end = min(trace.n_positions, limit)  # tokens rarely add nothing: a bound on the reads
+    for lo in range(0, end, _TEXT_BLOCK):
+        hi = min(end, lo + _TEXT_BLOCK)
+        raw = trace["token_bytes"][lo:hi]
+        lengths = np.clip(trace["token_nbytes"][lo:hi], 0, raw.shape[1])
+        for i in np.flatnonzero(lengths):  # empty tokens add nothing
+            parts.append(decode_token_text(raw[i, : lengths[i]].tobytes()))
+            size += len(parts[-1])
+            if size > limit:
+                return "".join(parts)[:limit], False
+    return "".join(parts), end == trace.n_positions
+
+
 def _info_json(trace, path: Path) -> dict[str, Any]:
+    text, complete = _trace_text(trace)
     arrays = {}
     for name in trace.array_names():
         arr = trace[name]
@@ -53,7 +80,8 @@ def _info_json(trace, path: Path) -> dict[str, Any]:
         "positions": trace.n_positions,
         "steps": trace.n_steps,
         "disk_bytes": disk_usage(path),
-        "text": "".join(t.text for t in trace.tokens),
+        "text": text,
+        "text_complete": complete,
         "arrays": arrays,
         "metadata": trace.metadata,
     }
@@ -95,13 +123,15 @@ def info(trace: Path, as_json: bool) -> None:
         if run_bits:
             lines.append(f"Run       {', '.join(run_bits)}")
         lines.append(f"Created   {t.metadata['created']}")
-        lines.append(f"Text      {data['text']!r}")
+        more = "" if data["text_complete"] else f" ... (first {INFO_TEXT_CHARS} characters)"
+        lines.append(f"Text      {data['text']!r}{more}")
         lines.append("Arrays")
         width = max(len(n) for n in data["arrays"])
         for name, a in data["arrays"].items():
             shape = " x ".join(f"{d} {s}" for d, s in zip(a["dims"], a["shape"], strict=True))
             lines.append(f"  {name:<{width}}  {a['dtype']:<8}  {shape}")
-        click.echo("\n".join(lines))
+        # Names and values come from the trace: no control character reaches the terminal.
+        click.echo("\n".join(one_line(line, None) for line in lines))
 
 
 @main.command(cls=TraceCommand)

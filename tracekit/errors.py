@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+#: Longest message a TraceError shows: the start and the end of a longer one are kept.
+MAX_MESSAGE_CHARS = 300
+
+
+def one_line(text: str, limit: int | None = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as one printable line: newlines, control characters and lone surrogates
+    escaped (``\\n``, ``\\x1b``, ``\\udc80``), and beyond ``limit`` characters its middle cut out.
+    Messages quote values from hostile files, which can be 100 kB long or hold newlines and
+    terminal escape sequences."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in text)
+    if limit is not None and len(text) > limit:
+        head = limit * 2 // 3
+        tail = limit - head - len(f" ...[{len(text)} chars]... ")  # room for the count
+        text = f"{text[:head]} ...[{len(text) - head - tail} chars]... {text[-tail:]}"
+    return text
+
 
 class TraceError(Exception):
-    """Base class of every error tracekit raises on purpose."""
+    """Base class of every error tracekit raises on purpose. Its message is one printable
+    line of at most MAX_MESSAGE_CHARS characters, whatever values it quotes."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class NotATraceError(TraceError):
@@ -23,7 +45,7 @@ class MissingArrayError(TraceError, KeyError):
     """An array the metadata promises is not in the trace, or an uncaptured one was asked for."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
-        return str(self.args[0]) if self.args else ""
+        return one_line(str(self.args[0])) if self.args else ""
 
 
 class CorruptTraceError(TraceError):

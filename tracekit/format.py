@@ -52,6 +52,14 @@ MAX_TOKEN_BYTES = 4096
 # A stored vocabulary is read whole: bounded well above real ones (256k ids, ~2 MiB of text).
 MAX_VOCAB_SIZE = 1 << 22
 MAX_VOCAB_BYTES = 1 << 26
+#: Bytes one stored chunk may declare (chunk shape x item size): a chunk is decoded whole, so
+#: this bounds what decoding one costs. Far above any model's row (a 405B model's ``neurons``
+#: row is 13 MB), far below a machine's memory.
+MAX_CHUNK_BYTES = 256 << 20
+#: Bytes all arrays of a trace may declare together (shapes x item sizes, allocated lengths).
+#: The per-dimension limits alone allowed products far beyond any disk (and int64). 16 TiB
+#: holds full-length attention of a 70B model at 32k positions.
+MAX_TRACE_BYTES = 1 << 44
 
 DEFAULT_TOP_K = 10
 DEFAULT_ATTENTION_TOP_K = 8
@@ -294,8 +302,26 @@ class TracePlan:
                                 f"{MAX_VOCAB_SIZE}")
         if self.compression not in (None, "zstd", "gzip"):
             problems.append(f"compression {self.compression!r} not one of none, zstd, gzip")
+        if not problems:
+            problems += self._size_problems()
         if problems:
             raise MetadataError("; ".join(problems))
+
+    def _size_problems(self) -> list[str]:
+        """The trace-wide budget: declared bytes of every array, and of each one's chunks."""
+        problems = []
+        total = self.declared_bytes()
+        if total > MAX_TRACE_BYTES:
+            problems.append(f"the layout declares {total} bytes of arrays (limit "
+                            f"{MAX_TRACE_BYTES})")
+        for spec in self.array_specs():
+            item = storage_dtype(self.logical_dtype(spec)).itemsize
+            chunk = math.prod(self.chunks(spec)) * item
+            if chunk > MAX_CHUNK_BYTES:
+                problems.append(f"array {spec.name!r}: chunks of {chunk} bytes (limit "
+                                f"{MAX_CHUNK_BYTES}); lower chunk_positions")
+                break
+        return problems
 
     # -- derived layout ---------------------------------------------------------------------
     @property
@@ -400,6 +426,13 @@ class TracePlan:
         """The plan's compression; the vocabulary is always packed (see :data:`PACKED`)."""
         return PACKED if spec.group == VOCAB_GROUP else self.compression
 
+    def declared_bytes(self) -> int:
+        """Bytes of every array at its allocated shape, coordinates included: what a reader
+        checks against MAX_TRACE_BYTES before reading anything."""
+        total = sum(math.prod(self.shape(s)) * storage_dtype(self.logical_dtype(s)).itemsize
+                    for s in self.array_specs())
+        return total + 8 * sum(self.dim_sizes()[d] for d in self.used_dims())
+
     def estimated_bytes(self) -> int:
         """Upper estimate of the trace size on disk, uncompressed (causal attention: triangle)."""
         total = 0
@@ -463,7 +496,8 @@ def parse_version(text: Any) -> tuple[int, int]:
     if not isinstance(text, str):
         raise MetadataError(f"format version must be a 'major.minor' string, got {text!r}")
     parts = text.split(".")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+    # isascii: str.isdigit accepts "²" and other digits int() refuses.
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
         raise MetadataError(f"format version must be 'major.minor', got {text!r}")
     return int(parts[0]), int(parts[1])
 

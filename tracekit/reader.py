@@ -355,6 +355,7 @@ class Trace:
         committed = {"position": self.n_positions, "key": self.n_positions,
                      "step": self.n_steps}
         check_shape(name, stored.shape, expected, dims, committed)
+        _check_chunks(name, stored.chunks, expected, dims)
         want = np.dtype(np.uint16) if logical == "bfloat16" else np.dtype(logical)
         if stored.dtype != want:
             raise CorruptTraceError(f"array {name!r} is stored as {stored.dtype}, expected {want}")
@@ -460,6 +461,20 @@ class Trace:
     def __repr__(self) -> str:
         return (f"<Trace {self.path or self.format} {self.status} positions={self.n_positions} "
                 f"model={self.model.get('name')!r} arrays={self.array_names()}>")
+
+
+def _check_chunks(name: str, chunks: tuple[int, ...], allocated: tuple[int, ...],
+                  dims: tuple[str, ...]) -> None:
+    """Chunks no larger than the array was allocated (decoding one would cost more), and
+    whole along every axis but the first and ``key`` (the format's layout; tiny chunks there
+    would make reading a row take millions of chunk reads)."""
+    for axis, (c, n, d) in enumerate(zip(chunks, allocated, dims, strict=True)):
+        if c > max(n, 1):
+            raise CorruptTraceError(f"array {name!r}: chunks {chunks} exceed its allocated "
+                                    f"shape {allocated}")
+        if axis and d != "key" and c < n:
+            raise CorruptTraceError(f"array {name!r}: chunks {chunks} do not hold whole rows "
+                                    f"along {d!r}")
 
 
 def open(path: str | os.PathLike[str] | Backend) -> Trace:  # noqa: A001 - mirrors builtins

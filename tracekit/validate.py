@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TraceError
+from .errors import TraceError, one_line
 from .format import GROWING_DIMS, TracePlan, parse_version
 from .reader import Trace
 from .schema import schema_errors
@@ -34,11 +34,12 @@ CHECKSUMS_SINCE = (1, 1)
 
 def validate(path: str | os.PathLike[str], *, quick: bool = False, deep: bool = False,
              progress: Progress | None = None) -> list[str]:
-    """Problems found in the trace at ``path`` (empty when it is valid), each a sentence about
-    the trace that does not repeat its path (the CLI prints it once, before each). ``quick``:
-    structure only; ``deep``: also read every stored chunk whole and check its checksum."""
+    """Problems found in the trace at ``path`` (empty when it is valid): one printable line of
+    bounded length each (they quote values from the trace), a sentence about the trace that
+    does not repeat its path (the CLI prints it once, before each). ``quick``: structure
+    only; ``deep``: also read every stored chunk whole and check its checksum."""
     prefix = f"{path}: "
-    return [p.removeprefix(prefix) for p in _problems(path, quick, deep, progress)]
+    return [one_line(p.removeprefix(prefix)) for p in _problems(path, quick, deep, progress)]
 
 
 def _problems(path: str | os.PathLike[str], quick: bool, deep: bool,
@@ -208,12 +209,19 @@ def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[
         if quick:
             continue
         block = max(1, arr.chunks[0])
+        # One chunk at a time (key chunks too; the reader checked that chunks hold whole
+        # rows along every other axis), so no read is larger than a chunk.
+        width = arr.shape[-1] if arr.dims[-1] == "key" else 1
+        keys = max(1, arr.chunks[-1]) if arr.dims[-1] == "key" else 1
         try:
             for start in range(0, arr.shape[0], block):
-                part = arr[start:start + block]
-                done += part.nbytes
-                if progress:
-                    progress(done, total)
+                for k in range(0, width, keys):
+                    key = (slice(start, start + block), Ellipsis) if width == 1 else (
+                        slice(start, start + block), Ellipsis, slice(k, k + keys))
+                    part = arr[key]
+                    done += part.nbytes
+                    if progress:
+                        progress(done, total)
         except TraceError as exc:
             problems.append(str(exc))
     return problems

@@ -50,6 +50,7 @@ from ._checksums import (
     read_verified,
     trailer,
 )
+from ._safety import check_encodable
 
 #: File length kept beyond HDF5's allocated space before each flush (see _cover_allocated):
 #: more than the metadata one flush allocates.
@@ -448,6 +449,7 @@ class HDF5Backend(Backend):
             raise MetadataError(f"{self.path}: metadata is not valid JSON ({exc})") from exc
         if not isinstance(meta, dict):
             raise MetadataError(f"{self.path}: metadata is not a JSON object")
+        check_encodable(meta, raw.encode("utf-8", "replace"), str(self.path))
         return meta
 
     def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:

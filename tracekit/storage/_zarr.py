@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from . import (
     split_rows_key,
 )
 from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, read_verified
+from ._safety import LinkError, check_encodable, open_beneath, open_dir, read_capped
+from ._zarr_checks import SafeLocalStore, check_array_metadata
 from ._zarr_checksums import (
     CHECKED_CRC32C,
     UNCHECKED_CRC32C,
@@ -54,21 +57,17 @@ ALLOWED_CODECS = frozenset(
 )
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(root: Path, rel: str, what: str) -> dict[str, Any]:
+    """The JSON object in file ``rel`` of the trace folder ``root``: read without following
+    links, from a regular file only, at most MAX_METADATA_BYTES (see ``_safety``)."""
+    raw = read_capped(root, rel, MAX_METADATA_BYTES, what)
     try:
-        size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise MissingArrayError(f"{what}: {path.name} is missing") from exc
-    if size > MAX_METADATA_BYTES:
-        raise MetadataError(f"{what}: {path.name} is {size} bytes (limit {MAX_METADATA_BYTES})")
-    try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise MetadataError(f"{what}: {path.name} is not valid JSON ({exc})") from exc
-    except OSError as exc:  # e.g. a directory named zarr.json
-        raise MetadataError(f"{what}: {path.name} is unreadable ({exc})") from exc
+        raise MetadataError(f"{what}: {rel} is not valid JSON ({exc})") from exc
     if not isinstance(obj, dict):
-        raise MetadataError(f"{what}: {path.name} is not a JSON object")
+        raise MetadataError(f"{what}: {rel} is not a JSON object")
+    check_encodable(obj, raw, what)
     return obj
 
 
@@ -297,6 +296,7 @@ class ZarrArray(StoredArray):
                                        (chunks[0] if chunks else 1) * row_bytes,
                                        lambda ci: self._chunk_path(ci).name)
         self._crc = RunningCrc()  # writers: CRC of each chunk's rows written so far
+        self._dir_fd: int | None = None  # the folder's descriptor, for direct reads
 
     def relocate(self, folder: Path, store: Any) -> None:
         """The trace was moved (from its temporary name to its final one)."""
@@ -304,6 +304,7 @@ class ZarrArray(StoredArray):
         self._store = store
         self._zarr = None
         self._made_dirs = set()
+        self._dir_fd = None  # the old one is closed when this array is collected
 
     def _open_zarr(self, codecs: dict[str, str]) -> zarr.Array:
         try:
@@ -323,10 +324,16 @@ class ZarrArray(StoredArray):
         return self._zarr
 
     def _locate(self, ci: int):
+        # Relative to the array's folder, without following links, regular files only.
+        if self._dir_fd is None:
+            self._dir_fd = open_dir(self._folder)
+            weakref.finalize(self, os.close, self._dir_fd)
         try:
-            fd = os.open(self._chunk_path(ci), os.O_RDONLY)
+            fd = open_beneath(self._dir_fd, chunk_key(self._meta, self._chunk_index(ci)))
         except FileNotFoundError:
             return None
+        except LinkError as exc:
+            raise CorruptTraceError(f"array {self.name!r}: chunk {exc}") from exc
         self._open_fds.append(fd)
         return fd, 0, os.fstat(fd).st_size
 
@@ -449,12 +456,15 @@ class ZarrArray(StoredArray):
                 self._pwrite_chunk(ci, [seg.reshape(-1).view(np.uint8)],
                                    (lo - ci * c) * row_bytes, c * row_bytes, kj)
 
-    def _chunk_path(self, ci: int, last: int = 0) -> Path:
+    def _chunk_index(self, ci: int, last: int = 0) -> list[int]:
         """Chunk ``ci`` along the first axis (and ``last`` along the last, if chunked)."""
         tail = [0] * (len(self.dims) - 1)
         if tail:
             tail[-1] = last
-        return self._folder / chunk_key(self._meta, [ci, *tail])
+        return [ci, *tail]
+
+    def _chunk_path(self, ci: int, last: int = 0) -> Path:
+        return self._folder / chunk_key(self._meta, self._chunk_index(ci, last))
 
     def _pwrite_chunk(self, ci: int, views: list[np.ndarray], offset: int,
                       chunk_bytes: int, last: int = 0) -> None:
@@ -568,13 +578,13 @@ class ZarrBackend(Backend):
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> ZarrBackend:
-        root = _read_json(path / "zarr.json", str(path))
+        root = _read_json(path, "zarr.json", str(path))
         if root.get("zarr_format") != 3 or root.get("node_type") != "group":
             raise NotATraceError(f"{path}: not a zarr v3 group")
         attrs = root.get("attributes")
         if not isinstance(attrs, dict) or ROOT_KEY not in attrs:
             raise NotATraceError(f"{path}: zarr group without '{ROOT_KEY}' metadata")
-        store = zarr.storage.LocalStore(str(path), read_only=not writable)
+        store = SafeLocalStore(str(path), read_only=not writable)
         try:
             # Not the consolidated copy: every array's own zarr.json is checked against the
             # allowlist before it is opened, and zarr must not parse unchecked array metadata.
@@ -587,10 +597,11 @@ class ZarrBackend(Backend):
     # -- metadata ---------------------------------------------------------------------------
     def read_root_meta(self) -> dict[str, Any]:
         try:
-            root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+            root = _read_json(self.path, "zarr.json", str(self.path))  # type: ignore[arg-type]
         except MissingArrayError as exc:  # created, and no metadata written yet
             raise NotATraceError(f"{self.path}: no zarr.json") from exc
-        meta = root.get("attributes", {}).get(ROOT_KEY)
+        attrs = root.get("attributes")
+        meta = attrs.get(ROOT_KEY) if isinstance(attrs, dict) else None
         if not isinstance(meta, dict):
             raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata object")
         return meta
@@ -622,9 +633,10 @@ class ZarrBackend(Backend):
     def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
         if name in self._created:
             return self._created[name]
-        meta = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+        meta = _read_json(self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
         if meta.get("node_type") != "array":
             raise CorruptTraceError(f"{name!r} is not an array")
+        check_array_metadata(name, meta)
         _check_codecs(name, meta.get("codecs"))
         dims = meta.get("dimension_names")
         shape = meta.get("shape")
@@ -650,7 +662,7 @@ class ZarrBackend(Backend):
     def metadata_problems(self) -> list[str]:
         """tracekit reads each array's own zarr.json; xarray and zarr read the consolidated
         copy in the group's. Where they differ, those tools would see another trace."""
-        root = _read_json(self.path / "zarr.json", str(self.path))  # type: ignore[operator]
+        root = _read_json(self.path, "zarr.json", str(self.path))  # type: ignore[arg-type]
         consolidated = root.get("consolidated_metadata")
         if consolidated is None:
             return []
@@ -660,9 +672,11 @@ class ZarrBackend(Backend):
         problems = []
         names = self.array_names()
         for name in names:
-            own = _read_json(self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+            own = _read_json(self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
             if name not in inline:
                 problems.append(f"array {name!r} is missing from the consolidated metadata")
+            elif not isinstance(inline[name], dict):
+                problems.append(f"array {name!r}: consolidated metadata is not an object")
             elif inline[name] != own:
                 keys = sorted(k for k in set(own) | set(inline[name])
                               if own.get(k) != inline[name].get(k))
@@ -700,7 +714,7 @@ class ZarrBackend(Backend):
         for name in self.array_names():
             made = self._created.get(name)  # its zarr.json is what this backend last wrote
             arrays[name] = made._meta if made is not None else _read_json(
-                self.path / name / "zarr.json", f"array {name!r}")  # type: ignore[operator]
+                self.path, f"{name}/zarr.json", f"array {name!r}")  # type: ignore[arg-type]
         _write_json(self.path / "zarr.json",  # type: ignore[operator]
                     _group_document(self.read_root_meta(), arrays))
 

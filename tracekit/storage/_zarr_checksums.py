@@ -4,6 +4,7 @@ spec section 5), and a check of every stored chunk file (``validate --deep``).""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import zarr.registry
 
 from ..errors import CorruptTraceError
 from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier
+from ._safety import open_file, read_fd_capped
 
 
 class UncheckedCrc32cCodec(zarr.codecs.Crc32cCodec):
@@ -49,18 +51,28 @@ def verify_chunk_files(name: str, folder: Path, keys: Iterable[str],
     check = ChunkVerifier(name, "crc32c", 1, 0, str)
     limit = 2 * chunk_bytes + (1 << 16) + CHUNK_CHECKSUM_BYTES
     for key in keys:
-        path = folder / key
         try:
-            if not path.is_file():
+            # Beneath the array's folder, never through a link, regular files only.
+            fd = open_file(folder, key)
+        except FileNotFoundError:
+            continue
+        except CorruptTraceError as exc:
+            problems.append(str(exc))
+            continue
+        except OSError as exc:
+            problems.append(f"array {name!r}: chunk {key} unreadable ({exc})")
+            continue
+        try:
+            data = read_fd_capped(fd, limit)
+            if data is None:
+                problems.append(f"array {name!r}: chunk {key} has more bytes than a chunk of "
+                                f"{chunk_bytes} can take")
                 continue
-            size = path.stat().st_size
-            if size > limit:
-                problems.append(f"array {name!r}: chunk {key} has {size} bytes, more than a "
-                                f"chunk of {chunk_bytes} can take")
-                continue
-            check.check_bytes(key, np.fromfile(path, dtype=np.uint8))
+            check.check_bytes(key, np.frombuffer(data, dtype=np.uint8))
         except CorruptTraceError as exc:
             problems.append(str(exc))
         except OSError as exc:
             problems.append(f"array {name!r}: chunk {key} unreadable ({exc})")
+        finally:
+            os.close(fd)
     return problems
