@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tracegen
 from click.testing import CliRunner
-from corruption import ALL_CASES, edit_json, edit_meta, make_sources, materialize
+from corruption import ALL_CASES, edit_json, edit_meta, make_sources, materialize, write_chunk
 
 from tracekit.cli import main
 from tracekit.errors import MAX_MESSAGE_CHARS
@@ -85,7 +85,7 @@ def _millions_of_positions(path: Path) -> None:
             chunk.unlink()
     edit_json(path / "zarr.json", lambda r: r.update(consolidated_metadata=None))
     commit = tracegen.chunk_files(path, "commit")[0]
-    commit.write_bytes(np.array([n, 1], "<i8").tobytes())
+    write_chunk(commit, np.array([n, 1], "<i8").tobytes())
 
 
 def test_info_allocates_nothing_in_proportion_to_declared_shapes(tmp_path) -> None:
