@@ -1,5 +1,6 @@
-"""Write the golden v1.0 traces in this folder. Run once per format version; never rewrite
-a released version's files (tests/test_golden.py checks their hashes).
+"""Write the golden traces of the current format version in this folder (golden-v1.0-* were
+written by format 1.0's writer, golden-v1.1-* by 1.1's). Run once per format version; never
+rewrite a released version's files (tests/test_golden*.py check their hashes).
 
     python tests/data/make_golden.py            # refuses to overwrite existing files
     python tests/data/make_golden.py --force    # only while the version is unreleased
@@ -19,6 +20,7 @@ and float16, so a test can state expected values without reading the generator's
     top_ids[p, r]            = (p + r) mod 50;            top_logprobs[p, r] = -(r + 1) / 2
     lens_ids[p, j, r]        = (10 p + j + r) mod 50;     lens_logprobs[p, j, r] = -(r + 1) - j / 4
     step_time[s]             = 1700000000 + s / 4
+    vocabulary (1.1)         = id i is "w{i}", except id 7: b"\\xff" (not UTF-8) and id 8: ""
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import tracekit.writer
 from tracekit.format import ModelInfo, TracePlan
 
 HERE = Path(__file__).parent
+VERSION = tracekit.FORMAT_VERSION_STR
 VOCAB = 50
 STEPS = [3, 1, 1]  # a 3-token prompt, then two generated tokens
 FIXED_TIME = "2026-01-01T00:00:00Z"
@@ -100,13 +103,20 @@ def rows(plan: TracePlan, p: int) -> dict[str, np.ndarray]:
     return {name: np.asarray(v, dtype=dtypes.get(name, np.float32)) for name, v in out.items()}
 
 
+def vocabulary() -> list[bytes]:
+    """The text of every id, for the format versions that store it (1.1 on)."""
+    return [{7: b"\xff", 8: b""}.get(i, f"w{i}".encode()) for i in range(VOCAB)]
+
+
 def record(path: Path, plan: TracePlan, status: str) -> None:
+    extra = {} if VERSION == "1.0" else {"vocab": vocabulary()}
     writer = tracekit.create(
         path, plan, prompt_length=STEPS[0], environment=ENVIRONMENT,
         run={"prompt": "t0t1\xff", "generation": {"max_new_tokens": 2, "do_sample": False},
              "seed": 0, "model_dtype": "float32", "device": "cpu",
              "attn_implementation": "eager"},
-        tags={"purpose": "golden v1.0 trace", "formula": "tests/data/make_golden.py"})
+        tags={"purpose": f"golden v{VERSION} trace", "formula": "tests/data/make_golden.py"},
+        **extra)
     start = 0
     for s, n in enumerate(STEPS):
         positions = range(start, start + n)
@@ -124,15 +134,16 @@ def record(path: Path, plan: TracePlan, status: str) -> None:
     writer.close(status)
 
 
-MANIFEST = HERE / "golden-v1.0.sha256"
+MANIFEST = HERE / f"golden-v{VERSION}.sha256"
 
 
-def file_hashes() -> dict[str, str]:
-    """sha256 of every file of the golden v1.0 traces, by path relative to this folder."""
+def file_hashes(version: str = VERSION) -> dict[str, str]:
+    """sha256 of every file of the golden traces of ``version``, by path relative to this
+    folder."""
     import hashlib
 
-    files = sorted(p for p in HERE.glob("golden-v1.0-*") if p.is_file() and p != MANIFEST)
-    for folder in sorted(HERE.glob("golden-v1.0-*.zarr")):
+    files = sorted(p for p in HERE.glob(f"golden-v{version}-*") if p.is_file())
+    for folder in sorted(HERE.glob(f"golden-v{version}-*.zarr")):
         files += sorted(p for p in folder.rglob("*") if p.is_file())
     return {p.relative_to(HERE).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(files)}
@@ -143,7 +154,7 @@ def main(force: bool = False) -> None:
     for name, plan in plans().items():
         status = "complete" if name == "full" else "aborted"
         for suffix in (".zarr", ".h5"):
-            path = HERE / f"golden-v1.0-{name}{suffix}"
+            path = HERE / f"golden-v{VERSION}-{name}{suffix}"
             if path.exists():
                 if not force:
                     sys.exit(f"{path} exists; golden traces of a released version never change")
