@@ -9,6 +9,7 @@ The metadata is a JSON string in the root attribute ``tracekit``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -31,6 +32,7 @@ from ..format import ROOT_KEY
 from . import (
     MAX_METADATA_BYTES,
     Backend,
+    SpaceReserve,
     StoredArray,
     allocate,
     check_dtype,
@@ -43,6 +45,9 @@ from . import (
 #: File length kept beyond HDF5's allocated space before each flush (see _cover_allocated):
 #: more than the metadata one flush allocates.
 FLUSH_HEADROOM = 1 << 20
+#: File space a flush must find allocated beyond the chunks it writes while the writer holds
+#: its space reserve (more than the metadata HDF5 writes when it flushes this format's files).
+FLUSH_MARGIN = 64 << 10
 #: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds,
 #: when the writer does not say how large the metadata can grow.
 META_HEADROOM = 16384
@@ -129,8 +134,12 @@ def _check_not_truncated(path: Path) -> None:
 
 class HDF5Array(StoredArray):
     def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
-                 fd: int | None = None, writable: bool = False, raw: bool = False) -> None:
+                 fd: int | None = None, writable: bool = False, raw: bool = False,
+                 cached: list[int] | None = None) -> None:
         self.name = name
+        # Bytes written into HDF5's chunk cache since the last flush, shared by a writer's
+        # arrays: the file space its next flush may need for them (see _cover_allocated).
+        self._cached = cached if cached is not None else [0]
         self._ds = ds
         self.dims = dims
         self._fd = fd  # set when rows can be read with plain file reads
@@ -186,6 +195,7 @@ class HDF5Array(StoredArray):
         rows = full_rows(key, value, self.shape) if self._writable else None
         if rows is None:
             self._ds[key] = value
+            self._cached[0] += np.asarray(value).nbytes
             return
         self.write_rows(rows[0], [value])
 
@@ -224,6 +234,7 @@ class HDF5Array(StoredArray):
         fspace = self._ds.id.get_space()
         fspace.select_hyperslab((row,) + (0,) * (data.ndim - 1), data.shape)
         self._ds.id.write(h5py.h5s.create_simple(data.shape), fspace, data)
+        self._cached[0] += data.nbytes
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._ds.resize(shape)
@@ -255,6 +266,7 @@ class HDF5Backend(Backend):
         self._read_only = read_only
         self._ahead_fd: int | None = None  # writers: extends the file ahead of HDF5's flushes
         self._can_allocate = True
+        self._cached = [0]  # bytes in HDF5's chunk caches, not flushed yet
         # Readers also get a plain descriptor for direct row reads of uncompressed chunks.
         self._fd = os.open(path, os.O_RDONLY) if read_only else None
 
@@ -263,9 +275,16 @@ class HDF5Backend(Backend):
         if path.exists():
             raise TraceExistsError(f"{path} already exists")
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        f = h5py.File(tmp, "w", libver="latest", fs_strategy="page", fs_page_size=PAGE_BYTES,
-                      fs_persist=False)
-        return cls(tmp, f, final_path=path)
+        reserve = SpaceReserve(path.parent)
+        try:
+            f = h5py.File(tmp, "w", libver="latest", fs_strategy="page",
+                          fs_page_size=PAGE_BYTES, fs_persist=False)
+        except BaseException:
+            reserve.release()
+            raise
+        backend = cls(tmp, f, final_path=path)
+        backend._reserve = reserve
+        return backend
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> HDF5Backend:
@@ -371,7 +390,7 @@ class HDF5Backend(Backend):
                 ds.dims[axis].label = dim
                 if dim in self._f:
                     ds.dims[axis].attach_scale(self._f[dim])
-        return HDF5Array(name, ds, tuple(dims), writable=True)
+        return HDF5Array(name, ds, tuple(dims), writable=True, cached=self._cached)
 
     def array_names(self) -> list[str]:
         return sorted(k for k, v in self._f.items() if isinstance(v, h5py.Dataset))
@@ -417,7 +436,7 @@ class HDF5Backend(Backend):
         raw = (not filters and ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]
                and dtype.byteorder in ("<", "=", "|"))
         return HDF5Array(name, ds, dims, fd=self._fd if raw else None,
-                         writable=not self._read_only, raw=raw)
+                         writable=not self._read_only, raw=raw, cached=self._cached)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
@@ -441,6 +460,7 @@ class HDF5Backend(Backend):
     def flush(self) -> None:
         self._cover_allocated()
         self._f.flush()
+        self._cached[0] = 0
 
     def _cover_allocated(self) -> None:
         """Make the file longer than the space HDF5 has allocated, by ``FLUSH_HEADROOM``,
@@ -455,14 +475,33 @@ class HDF5Backend(Backend):
 
         Nothing more is allocated ahead: HDF5's flushes truncate the file back to its allocated
         end, so keeping 64 MiB allocated ahead re-allocated it at every commit, and writing a
-        2 GB trace took 2.23 s with it against 1.55 s without (plain append: 0.97 s)."""
+        2 GB trace took 2.23 s with it against 1.55 s without (plain append: 0.97 s).
+
+        The extension also covers the chunks HDF5 holds in its cache, and is allocated: a
+        flush that ran out of space part way would leave HDF5's own state inconsistent (its
+        chunk index then misses records, and closing the file fails, then crashes the
+        interpreter at exit). So while the writer holds its space reserve, a disk without room
+        for the flush raises ENOSPC here, before HDF5 writes anything; the writer then trims
+        what it could not commit and, the reserve given back, flushes what is left."""
         fd = self._ahead_fd
         if fd is None:
             return
-        want = self._f.id.get_filesize() + FLUSH_HEADROOM
+        need = self._f.id.get_filesize() + self._cached[0]
+        want = need + FLUSH_HEADROOM
         size = os.fstat(fd).st_size
-        if size < want and not (self._can_allocate and allocate(fd, size, want - size)):
-            os.ftruncate(fd, want)
+        if size >= want:
+            return
+        try:
+            if self._can_allocate and allocate(fd, size, want - size):
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if self._reserve is not None and size < need + FLUSH_MARGIN:
+                allocate(fd, size, need + FLUSH_MARGIN - size)  # ENOSPC: no room to flush
+        # The length alone (the file system cannot allocate, or not all of it): what the
+        # superblock's guarantee needs.
+        os.ftruncate(fd, want)
 
     def refresh(self) -> None:
         for ds in self._f.values():
@@ -473,6 +512,10 @@ class HDF5Backend(Backend):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        # Closing flushes what HDF5 still holds: give it the space held for that. (A close
+        # that fails leaves HDF5 half closed, and the next attempt, at the latest when the
+        # interpreter exits, crashes inside HDF5.)
+        self.release_reserve()
         with contextlib.suppress(_H5_ERRORS, OSError):
             self._cover_allocated()
         with contextlib.suppress(_H5_ERRORS):
@@ -488,5 +531,7 @@ class HDF5Backend(Backend):
 
     def discard(self) -> None:
         if self._final_path is not None and self.path is not None:
-            self.close()
-            self.path.unlink(missing_ok=True)
+            try:
+                self.close()
+            finally:
+                self.path.unlink(missing_ok=True)
