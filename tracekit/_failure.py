@@ -7,9 +7,10 @@ may say. After a failure the writer therefore (1) commits the steps whose data r
 before the failure (their counter write or its flush may be what failed), (2) trims the arrays
 to the committed length, which also releases space (zarr removes the chunk files past it,
 HDF5 drops the chunks it could not write), and (3) writes the final metadata with status
-``aborted`` and the cause as ``stop_reason``. Each step is attempted whatever happened to the
-one before; where the metadata cannot be written the trace stays ``recording``, which the
-format defines as valid: readers trust the counter.
+``aborted`` and the cause as ``stop_reason`` (``length`` null where the last counter write
+failed, so that only the counter says which of the two lengths is on disk). Each step is
+attempted whatever happened to the one before; where the metadata cannot be written the
+trace stays ``recording``, which the format defines as valid: readers trust the counter.
 """
 
 from __future__ import annotations
@@ -59,16 +60,22 @@ def finish_after_failure(writer: TraceWriter, error: BaseException) -> str:
             writer._committed = writer._durable
         except Exception:
             # The counter on disk is the old or the new one, and both have their data: keep
-            # every array long enough for either.
+            # every array long enough for either, and let the counter alone say which.
             certain = False
-    if not certain:
-        return "recording"
-    # Arrays left longer than the counter (a trim that failed) are valid: readers stop at it.
-    with contextlib.suppress(Exception):
-        writer._trim()
+            with contextlib.suppress(Exception):  # what it says, as far as it can be read
+                stored = tuple(int(v) for v in writer._arrays["commit"][(slice(0, 2),)])
+                if stored == writer._durable:
+                    writer._committed = writer._durable
+    if certain:
+        # Arrays left longer than the counter (a trim that failed) are valid: readers stop
+        # at the counter.
+        with contextlib.suppress(Exception):
+            writer._trim()
     try:
         backend.end_streaming()
         writer._set_final_meta("aborted", stop_reason(error))
+        if not certain:
+            writer._meta["length"] = None
         backend.write_root_meta(writer._meta)
     except Exception:
         return "recording"

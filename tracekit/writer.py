@@ -28,6 +28,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -327,11 +328,12 @@ class TraceWriter:
                 try:
                     self._finalize(status)
                 except Exception as exc:
-                    if self._final_meta_written:  # complete; only consolidating failed
-                        raise WriterError(f"{self._backend.destination}: {status}, but its "
-                                          f"metadata was not consolidated: {io_cause(exc)}"
-                                          ) from exc
-                    error = exc
+                    if not self._final_meta_written:
+                        error = exc
+                    else:  # finalized; only the optional consolidated metadata is missing
+                        warnings.warn(f"{self._backend.destination}: {status}, but its "
+                                      f"metadata was not consolidated: {io_cause(exc)}",
+                                      stacklevel=2)
             if error is not None:
                 final = finish_after_failure(self, error)
         finally:
