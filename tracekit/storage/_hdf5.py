@@ -74,9 +74,9 @@ SWMR_READ_ATTEMPTS = 24
 
 
 @functools.cache
-def _read_attempts_setter() -> Any:
-    """``H5Pset_metadata_read_attempts`` of the HDF5 library h5py uses (not wrapped by h5py),
-    or None where that library cannot be found among the loaded ones (then HDF5's default)."""
+def _hdf5_function(name: str, *argtypes: Any) -> Any:
+    """A function of the HDF5 library h5py uses that h5py does not wrap, or None where that
+    library cannot be found among the loaded ones."""
     import ctypes
     import re
 
@@ -88,13 +88,20 @@ def _read_attempts_setter() -> Any:
                                    re.MULTILINE)))
     for lib_path in loaded:
         try:
-            setter = ctypes.CDLL(lib_path).H5Pset_metadata_read_attempts
+            function = getattr(ctypes.CDLL(lib_path), name)
         except (OSError, AttributeError):
             continue
-        setter.argtypes = [ctypes.c_int64, ctypes.c_uint]
-        setter.restype = ctypes.c_int
-        return setter
+        function.argtypes = list(argtypes)
+        function.restype = ctypes.c_int
+        return function
     return None
+
+
+def _read_attempts_setter() -> Any:
+    """``H5Pset_metadata_read_attempts`` (None: HDF5's default applies)."""
+    import ctypes
+
+    return _hdf5_function("H5Pset_metadata_read_attempts", ctypes.c_int64, ctypes.c_uint)
 
 
 def _open_swmr_reader(path: Path) -> h5py.File:
@@ -504,9 +511,23 @@ class HDF5Backend(Backend):
         os.ftruncate(fd, want)
 
     def refresh(self) -> None:
+        """SWMR readers: every dataset's extent, and the root group's header, whose metadata
+        attribute the writer rewrites when it finishes (``H5Orefresh``, which h5py does not
+        wrap; without it a reader keeps the header it first read, status ``recording``)."""
+        if not self._f.swmr_mode:
+            return
         for ds in self._f.values():
-            if isinstance(ds, h5py.Dataset) and self._f.swmr_mode:
+            if isinstance(ds, h5py.Dataset):
                 ds.refresh()
+        import ctypes
+
+        refresh_object = _hdf5_function("H5Orefresh", ctypes.c_int64)
+        if refresh_object is not None:
+            root = h5py.h5g.open(self._f.id, b"/")
+            try:
+                refresh_object(root.id)
+            finally:
+                root.close()
 
     def close(self) -> None:
         if self._fd is not None:
