@@ -306,3 +306,37 @@ def test_disk_full_from_write_calls_keeps_every_committed_position(tmp_path, kin
 def test_error_at_every_write_call(tmp_path, kind, persistent, monkeypatch) -> None:
     seen = injection_sweep(tmp_path, kind, monkeypatch, persistent=persistent)
     assert seen["absent"] >= 1 and seen["recording" if persistent else "aborted"] >= 10, seen
+
+
+# -- the recorder, as a user runs it ---------------------------------------------------------
+@pytest.mark.parametrize("kind", DISK_BACKENDS)
+def test_record_into_a_full_disk_ends_with_one_line(tmp_path, kind) -> None:
+    """``tracekit record`` whose disk fills mid-generation exits with status 1 and one line
+    naming the trace and the cause (no traceback, no crash at exit), and the trace keeps what
+    that line says."""
+    import re
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tracekit.recorder.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny-gpt2", "gpt2").resolve()
+    # Room for the layout and the space reserve, not for all 126 positions.
+    with small_filesystem(tmp_path / "fs", {"zarr": 900, "hdf5": 960}[kind]) as mnt:
+        out = mnt / f"t{SUFFIX[kind]}"
+        done = subprocess.run(
+            [sys.executable, "-c", "from tracekit.cli import main; main()", "record",
+             str(model), "-p", "def fib(n):", "-n", "120", "--ignore-eos", "-o", str(out)],
+            capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+        assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-2000:]
+        found = re.fullmatch(rf"Error: {re.escape(str(out))}: recording stopped: {NO_SPACE}; "
+                             r"the trace keeps its (\d+) committed positions \(status (\w+)\)",
+                             errors[0])
+        assert found, errors
+        with tracekit.open(out) as trace:
+            assert (trace.n_positions, trace.status) == (int(found[1]), found[2])
+            assert trace.status == "aborted" and trace.metadata["stop_reason"] == NO_SPACE
+            assert len(trace["residual"][:]) == trace.n_positions
+        assert validate(out) == []

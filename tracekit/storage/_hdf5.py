@@ -47,7 +47,7 @@ from . import (
 FLUSH_HEADROOM = 1 << 20
 #: File space a flush must find allocated beyond the chunks it writes while the writer holds
 #: its space reserve (more than the metadata HDF5 writes when it flushes this format's files).
-FLUSH_MARGIN = 64 << 10
+FLUSH_MARGIN = 256 << 10
 #: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds,
 #: when the writer does not say how large the metadata can grow.
 META_HEADROOM = 16384
@@ -156,6 +156,7 @@ class HDF5Array(StoredArray):
         # shape but through resize (a reader's can: a SWMR writer trims at the end).
         self._dtype = ds.dtype
         self._chunks = tuple(ds.chunks or ds.shape)
+        self._chunk_nbytes = int(np.prod(self._chunks)) * self._dtype.itemsize
         self._shape = tuple(ds.shape) if writable else None
 
     def _locate(self, ci: int):
@@ -202,7 +203,7 @@ class HDF5Array(StoredArray):
         rows = full_rows(key, value, self.shape) if self._writable else None
         if rows is None:
             self._ds[key] = value
-            self._cached[0] += np.asarray(value).nbytes
+            self._cached[0] += max(np.asarray(value).nbytes, self._chunk_nbytes)
             return
         self.write_rows(rows[0], [value])
 
@@ -232,6 +233,8 @@ class HDF5Array(StoredArray):
             for part in parts:
                 self._write_region(row, part)
                 row += len(part)
+            # The flush writes the whole chunk, at a new place the first time.
+            self._cached[0] += self._chunk_nbytes
 
     def _write_region(self, row: int, data: np.ndarray) -> None:
         """Write ``data`` at rows ``row:row+len(data)``, from index 0 on every other axis."""
@@ -241,7 +244,6 @@ class HDF5Array(StoredArray):
         fspace = self._ds.id.get_space()
         fspace.select_hyperslab((row,) + (0,) * (data.ndim - 1), data.shape)
         self._ds.id.write(h5py.h5s.create_simple(data.shape), fspace, data)
-        self._cached[0] += data.nbytes
 
     def resize(self, shape: tuple[int, ...]) -> None:
         self._ds.resize(shape)
