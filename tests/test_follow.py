@@ -9,9 +9,11 @@ import time
 import numpy as np
 import pytest
 import tracegen
+from click.testing import CliRunner
 from conftest import DISK_BACKENDS, SUFFIX
 
 import tracekit
+from tracekit.cli import main
 
 
 @pytest.mark.parametrize("kind", DISK_BACKENDS)
@@ -80,3 +82,7 @@ def test_refresh_reports_an_aborted_recording_and_why(tmp_path, monkeypatch) -> 
         assert trace.status == "aborted" and not trace.complete
         assert trace.metadata["stop_reason"] == "No space left on device"
         assert trace.metadata["length"] == {"positions": first, "steps": 3}
+    info = CliRunner().invoke(main, ["info", str(path)])
+    assert info.exit_code == 0, info.output
+    assert info.output.splitlines()[1].startswith(
+        f"Status    aborted (No space left on device): {first} positions in 3 steps")
