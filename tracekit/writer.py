@@ -164,7 +164,8 @@ class TraceWriter:
             if discard is not None:
                 with contextlib.suppress(Exception):
                     discard()
-            if isinstance(exc, OSError | RuntimeError):  # h5py's span lines, name the temp
+            if isinstance(exc, OSError | RuntimeError) and not isinstance(exc, TraceError):
+                # h5py's errors span lines and name the temporary file
                 raise WriterError(f"cannot create {backend.destination}: {io_cause(exc)}"
                                   ) from exc
             raise
