@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,10 +218,20 @@ class FailingDisk:
         return call
 
 
-def record_with(disk: FailingDisk, path: Path, plan, fail_at: int | None) -> WriterError | None:
+def record_with(disk: FailingDisk, path: Path, plan, fail_at: int | None,
+                warned: list | None = None) -> WriterError | None:
     disk.calls, disk.fail_at, disk.committed_then, disk.writer = 0, fail_at, None, None
     if fail_at is None:
         disk.fail_at = 1 << 30  # count only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        error = _record_with(disk, path, plan)
+    if warned is not None:
+        warned[:] = [str(w.message) for w in caught]
+    return error
+
+
+def _record_with(disk: FailingDisk, path: Path, plan) -> WriterError | None:
     error = None
     try:
         disk.writer = tracegen.create_synthetic(path, plan, SEED, commit_interval=0.0)
@@ -255,10 +266,13 @@ def injection_sweep(tmp_path: Path, kind: str, monkeypatch, persistent: bool,
         folder = tmp_path / f"{i}"
         folder.mkdir()
         path = folder / f"t{SUFFIX[kind]}"
-        error = record_with(disk, path, plan, i)
+        warned: list[str] = []
+        error = record_with(disk, path, plan, i, warned)
         what = f"{'from' if persistent else 'at'} write call {i} of {total} ({cause}): {error}"
         if error is None:  # the optional consolidated metadata failed, nothing else
             assert i == total - 1, what
+            assert warned == [f"{path}: complete, but its metadata was not consolidated: "
+                              f"{cause}"], warned
             assert check_kept(path, plan) == ("complete", plan.max_positions), what
             seen["complete"] += 1
             continue
