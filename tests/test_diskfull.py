@@ -336,7 +336,7 @@ def test_record_into_a_full_disk_ends_with_one_line(tmp_path, kind) -> None:
 
     model = save_tiny_model(tmp_path / "tiny-gpt2", "gpt2").resolve()
     # Room for the layout and the space reserve, not for all 126 positions.
-    with small_filesystem(tmp_path / "fs", {"zarr": 900, "hdf5": 960}[kind]) as mnt:
+    with small_filesystem(tmp_path / "fs", {"zarr": 900, "hdf5": 1450}[kind]) as mnt:
         out = mnt / f"t{SUFFIX[kind]}"
         done = subprocess.run(
             [sys.executable, "-c", "from tracekit.cli import main; main()", "record",

@@ -48,6 +48,9 @@ FLUSH_HEADROOM = 1 << 20
 #: File space a flush must find allocated beyond the chunks it writes while the writer holds
 #: its space reserve (more than the metadata HDF5 writes when it flushes this format's files).
 FLUSH_MARGIN = 256 << 10
+#: The least space reserve (see SpaceReserve) an HDF5 trace is started with: room to close it
+#: whatever its layout could not write.
+MIN_RESERVE = 64 << 10
 #: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds,
 #: when the writer does not say how large the metadata can grow.
 META_HEADROOM = 16384
@@ -285,14 +288,28 @@ class HDF5Backend(Backend):
             raise TraceExistsError(f"{path} already exists")
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         reserve = SpaceReserve(path.parent)
+        if 0 < reserve.nbytes < MIN_RESERVE:
+            # Closing an HDF5 file it could not flush crashes the interpreter at exit: without
+            # the room to close even a failed layout, do not start.
+            reserve.release()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         try:
             f = h5py.File(tmp, "w", libver="latest", fs_strategy="page",
                           fs_page_size=PAGE_BYTES, fs_persist=False)
         except BaseException:
             reserve.release()
+            tmp.unlink(missing_ok=True)  # HDF5 leaves the file it could not write
             raise
         backend = cls(tmp, f, final_path=path)
         backend._reserve = reserve
+        # From here on every flush gets its file space first (see _cover_allocated), the
+        # layout's included: the descriptor follows the file when it is renamed.
+        backend._ahead_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:  # the layout's own writes, into allocated space
+            allocate(backend._ahead_fd, 0, FLUSH_HEADROOM)
+        except OSError:
+            backend.discard()
+            raise
         return backend
 
     @classmethod
@@ -449,6 +466,7 @@ class HDF5Backend(Backend):
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
+        self._cover_allocated()
         self._f.flush()
         self._f.swmr_mode = True
         self._f.flush()
@@ -458,7 +476,6 @@ class HDF5Backend(Backend):
             os.rename(self.path, self._final_path)  # type: ignore[arg-type]
             self.path = self._final_path
             self._final_path = None
-        self._ahead_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # type: ignore[arg-type]
 
     def end_streaming(self) -> None:
         """Stay in SWMR mode: the final metadata is written in place (see write_root_meta),
@@ -553,8 +570,28 @@ class HDF5Backend(Backend):
                 self._ahead_fd = None
 
     def discard(self) -> None:
+        """Remove a trace that never got past creation.
+
+        Closing flushes what HDF5 holds; on a disk without room for it the close fails, and
+        HDF5 crashes the interpreter when it retries at exit. The file is going anyway, so
+        HDF5 closes a copy of it in memory: its descriptor is pointed at one."""
         if self._final_path is not None and self.path is not None:
             try:
+                with contextlib.suppress(OSError, AttributeError, *_H5_ERRORS):
+                    fd = self._f.id.get_vfd_handle()
+                    size = os.fstat(fd).st_size
+                    copy = os.memfd_create("tracekit-discarded", os.MFD_CLOEXEC)
+                    try:
+                        done = 0
+                        while done < size:
+                            sent = os.copy_file_range(fd, copy, size - done, done, done)
+                            if not sent:
+                                break
+                            done += sent
+                        if done == size:
+                            os.dup2(copy, fd)
+                    finally:
+                        os.close(copy)
                 self.close()
             finally:
                 self.path.unlink(missing_ok=True)
