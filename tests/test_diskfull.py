@@ -173,11 +173,14 @@ def test_disk_full_sweep_keeps_every_committed_position(tmp_path, kind) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", DISK_BACKENDS)
 def test_disk_full_fine_sweep(tmp_path, kind) -> None:
-    """Every 24 KiB from nothing to a complete trace: the disk fills at every stage."""
+    """Every 24 KiB from nothing to a complete trace: the disk fills at every stage (in
+    the 1.1 MiB sweep plan, 121 sizes for HDF5: 54 while laying out, 66 mid-trace)."""
     full = footprint(tmp_path, kind)
     seen = disk_full_sweep(tmp_path, kind, [*range(4, full + 64, 24), room_to_finish(full)])
-    assert min(seen["layout"], seen["first chunk"], seen["mid-trace"],
-               seen["complete"]) >= 1, seen
+    # HDF5 lays a trace out in 1 MiB it allocates first and frees at the first flush, so its
+    # first chunk always fits once the layout did (the injected errors fail it there).
+    stages = ["layout", "mid-trace", "complete"] + (["first chunk"] if kind == "zarr" else [])
+    assert min(seen[stage] for stage in stages) >= 1, seen
 
 
 # -- an error at every write call ----------------------------------------------------------
