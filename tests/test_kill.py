@@ -37,24 +37,35 @@ def ctx():
 
 
 def run_writer(ctx, path: Path, seed: int, kill_after: float | None,
-               die_at_io: int | None = None) -> float:
-    """Start a writer process; SIGKILL it ``kill_after`` seconds after it starts recording
-    (None: let it finish, or die at its ``die_at_io``-th write). Returns how long it ran."""
+               die_at_io: int | None = None, after_steps: int = 0) -> tuple[float, float]:
+    """Start a writer process; SIGKILL it ``kill_after`` seconds after it has handed
+    ``after_steps`` steps to its writer (0: after it starts recording), a point set by the
+    recording's progress, so that a loaded machine, which slows the recording down, does not
+    move the kills it aims at mid-recording into the layout. ``kill_after`` None: let it
+    finish, or die at its ``die_at_io``-th write. Returns how long it ran, and how long it
+    took to lay out the trace and hand over its first step."""
     started = ctx.Event()
+    progress = ctx.Value("i", 0)
     proc = ctx.Process(target=tracegen.record_in_child, args=(str(path), seed, started),
-                       kwargs={"die_at_io": die_at_io}, daemon=True)
+                       kwargs={"die_at_io": die_at_io, "progress": progress}, daemon=True)
     proc.start()
     assert started.wait(30), "writer process did not start"
     t0 = time.monotonic()
+    first_step = None
     if kill_after is None:
+        while proc.is_alive() and progress.value < 1 and time.monotonic() - t0 < 60:
+            time.sleep(0.001)
+        first_step = time.monotonic() - t0
         proc.join(60)
         expected = 0 if die_at_io is None else -9
         assert proc.exitcode == expected, f"writer ended with exit code {proc.exitcode}"
     else:
+        while proc.is_alive() and progress.value < after_steps and time.monotonic() - t0 < 60:
+            time.sleep(0.001)
         proc.join(kill_after)
         proc.kill()
         proc.join(10)
-    return time.monotonic() - t0
+    return time.monotonic() - t0, first_step or 0.0
 
 
 def check_after_kill(path: Path, seed: int) -> str:
@@ -83,20 +94,30 @@ def check_after_kill(path: Path, seed: int) -> str:
 
 
 def kill_trials(ctx, tmp_path: Path, kind: str, trials: int, seed0: int) -> Counter:
+    """Kills spread over a whole recording by its progress: a tenth while it lays out the
+    trace, the rest at a uniformly random point of its steps (a random step, then a random
+    fraction of a step's time), a few after it has finished."""
     rng = random.Random(seed0)
-    full = run_writer(ctx, tmp_path / f"full{SUFFIX[kind]}", seed0, None)
+    full, layout = run_writer(ctx, tmp_path / f"full{SUFFIX[kind]}", seed0, None)
     assert check_after_kill(tmp_path / f"full{SUFFIX[kind]}", seed0) == "complete"
+    plan = tracegen.kill_plan()
     states: Counter = Counter()
     for trial in range(trials):
         seed = seed0 + 1 + trial
         path = tmp_path / f"killed{trial}{SUFFIX[kind]}"
-        kill_after = rng.uniform(0, 1.15 * full)
-        run_writer(ctx, path, seed, kill_after)
+        steps = len(tracegen.step_sizes(seed, plan.max_positions))
+        point = rng.uniform(-0.1, 1.05) * steps
+        if point < 0:  # while laying out, by the clock: no step to wait for
+            after, kill_after = 0, rng.uniform(0, layout)
+        else:  # once step int(point) is handed over (past the last: after the end)
+            after = int(point) + 1
+            kill_after = (point % 1) * (full - layout) / steps
+        run_writer(ctx, path, seed, kill_after, after_steps=after)
         try:
             states[check_after_kill(path, seed)] += 1
         except Exception as exc:
-            raise AssertionError(f"trial {trial} (seed {seed}, killed after {kill_after:.3f} s "
-                                 f"of {full:.3f} s): {exc!r}") from exc
+            raise AssertionError(f"trial {trial} (seed {seed}, killed {kill_after:.4f} s after "
+                                 f"{after} of {steps} steps): {exc!r}") from exc
     return states
 
 

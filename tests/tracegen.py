@@ -323,9 +323,11 @@ def kill_plan() -> TracePlan:
 
 
 def record_in_child(path: str, seed: int, started: Any, step_pause: float = 0.002,
-                    die_at_io: int | None = None) -> None:
+                    die_at_io: int | None = None, progress: Any = None) -> None:
     """Body of the writer process the kill test SIGKILLs: records :func:`kill_plan` to
     ``path``, committing after every step, and sets ``started`` just before creating it.
+    ``progress`` (a shared ``multiprocessing.Value``): set to the number of steps handed to
+    the writer, so that a test can time a kill by the recording's progress, not the clock.
 
     ``die_at_io=i``: the process SIGKILLs itself just before its i-th (0-based) call of
     ``os.pwritev``, ``os.replace`` or ``os.rename`` (the zarr backend's writes to disk), so
@@ -352,5 +354,7 @@ def record_in_child(path: str, seed: int, started: Any, step_pause: float = 0.00
     writer = create_synthetic(path, plan, seed, commit_interval=0.0)
     for ids, texts, arrays, t in iter_steps(plan, seed, plan.max_positions):
         writer.write_step(ids, texts, arrays, step_time=t)
+        if progress is not None:
+            progress.value += 1
         time.sleep(step_pause)  # the model computing the next step
     writer.close()

@@ -101,6 +101,8 @@ def info(trace: Path, as_json: bool) -> None:
             return
         m, run, cap = t.model, t.metadata.get("run", {}), t.metadata["capture"]
         status = t.status if t.status != "recording" else "recording (not finalized)"
+        if t.metadata.get("stop_reason"):
+            status += f" ({t.metadata['stop_reason']})"
         lines = [
             f"Trace     {trace} ({t.format}, format {t.metadata['version']}, "
             f"{human_bytes(data['disk_bytes'])})",

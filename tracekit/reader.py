@@ -289,8 +289,24 @@ class Trace:
         self._arrays.clear()
 
     def refresh(self) -> int:
-        """Re-read the committed counter (to follow a recording in progress); returns positions."""
+        """Catch up with a recording in progress: re-read the commit counter and the metadata,
+        so that ``n_positions``, ``n_steps``, arrays' lengths and ``status`` are those of the
+        trace now. Returns ``n_positions``.
+
+        A writer commits every second or so; poll until ``status`` is no longer
+        ``recording`` (the writer finished: ``complete``, or ``aborted`` with its
+        ``stop_reason``). A writer that was killed leaves ``recording`` for good, so bound the
+        wait::
+
+            with tracekit.open("run.zarr") as trace:
+                while trace.status == "recording" and time.time() < deadline:
+                    time.sleep(1)
+                    trace.refresh()
+        """
         self._backend.refresh()
+        meta = self._backend.read_root_meta()
+        check_metadata(meta)
+        self.metadata = meta
         self._load_commit()
         return self.n_positions
 

@@ -15,7 +15,8 @@ Design (see the spec, "Writing"):
   the ``commit`` counter, flush. Readers trust only the counter, so a writer killed at any
   instant leaves a trace whose committed positions are exact.
 * At the end, arrays are trimmed to the committed length once and the metadata is rewritten
-  once with the final status.
+  once with the final status. A failed write (disk full, I/O error) stops the recording and
+  closes the trace ``aborted`` with every step whose data reached the disk (``_failure``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from . import __version__
+from ._failure import MAX_REASON_CHARS, failure_message, finish_after_failure
 from .errors import TraceError, WriterError
 from .format import (
     FORMAT_VERSION_STR,
@@ -48,7 +51,7 @@ from .format import (
     TracePlan,
     storage_dtype,
 )
-from .storage import Backend, StoredArray, create_backend, format_from_suffix
+from .storage import Backend, StoredArray, create_backend, format_from_suffix, io_cause
 from .vocab import plan_with_vocab
 
 _STOP = object()
@@ -171,10 +174,15 @@ class TraceWriter:
             create_layout(backend, plan, packed)
             backend.write_root_meta(self._meta, capacity=self._final_meta_bound())
             backend.begin_streaming()
-        except BaseException:
+        except BaseException as exc:
             discard = getattr(backend, "discard", None)
             if discard is not None:
-                discard()
+                with contextlib.suppress(Exception):
+                    discard()
+            if isinstance(exc, OSError | RuntimeError) and not isinstance(exc, TraceError):
+                # h5py's errors span lines and name the temporary file
+                raise WriterError(f"cannot create {backend.destination}: {io_cause(exc)}"
+                                  ) from exc
             raise
         self._arrays = {s.name: backend.get_array(s.name) for s in self._specs}
         self._coords = {d: backend.get_array(d) for d in plan.used_dims()}
@@ -190,8 +198,10 @@ class TraceWriter:
         self._next_step = 0
         self._closed = False
         self.status = "recording"  #: the status in the metadata: final once closed
+        self._final_meta_written = False
         # Worker-side state.
         self._committed = (0, 0)
+        self._durable = (0, 0)  # steps whose data is written and flushed (the counter may lag)
         self._bytes_written = 0
         self._ranges: dict[str, list[float]] = {}
         self._error: BaseException | None = None
@@ -318,9 +328,10 @@ class TraceWriter:
 
         ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C). A trace without a step,
         or without all of its ``prompt_length`` positions, is closed ``aborted`` whatever
-        ``status`` says (spec section 3). If the writer thread failed, the trace is closed as
-        ``aborted`` with its committed data, and the error is raised as a WriterError. The
-        status written is :attr:`status` afterwards.
+        ``status`` says (spec section 3). If a write failed (disk full, I/O error), while
+        recording or now, the trace is closed as ``aborted`` with every step whose data
+        reached the disk and the cause as ``stop_reason``, and a WriterError naming the trace
+        and the cause is raised. The status written is :attr:`status` afterwards.
         """
         if self._closed:
             return
@@ -330,15 +341,24 @@ class TraceWriter:
         if self._pool is not None:
             self._pool.shutdown()
         error = self._error
+        final = None
         try:
-            self._finalize("aborted" if error is not None else status)
-        except Exception as exc:
             if error is None:
-                raise WriterError(f"finalizing the trace failed: {exc}") from exc
+                try:
+                    self._finalize(status)
+                except Exception as exc:
+                    if not self._final_meta_written:
+                        error = exc
+                    else:  # finalized; only the optional consolidated metadata is missing
+                        warnings.warn(f"{self._backend.destination}: {status}, but its "
+                                      f"metadata was not consolidated: {io_cause(exc)}",
+                                      stacklevel=2)
+            if error is not None:
+                final = finish_after_failure(self, error)
         finally:
             self._backend.close()
         if error is not None:
-            raise WriterError(f"recording failed: {error}") from error
+            raise WriterError(failure_message(self, error, final)) from error
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -353,7 +373,7 @@ class TraceWriter:
     # -- internals --------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise WriterError(f"recording failed: {self._error}") from self._error
+            raise WriterError(failure_message(self, self._error)) from self._error
 
     def _put(self, item: Any, commit: bool = False, force: bool = False) -> None:
         """Hand ``item`` to the writer thread (``commit``: and wake it to commit what it has);
@@ -490,6 +510,7 @@ class TraceWriter:
 
         # Data first, then the counter that makes it visible.
         self._backend.flush()
+        self._durable = (end, s1)
         self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
         self._backend.flush()
         self._committed = (end, s1)
@@ -503,7 +524,8 @@ class TraceWriter:
         final = {**self._meta, "status": "recording", "finished": _utcnow(),
                  "length": {"positions": self.plan.max_positions,
                             "steps": self.plan.max_positions},
-                 "summary": {"value_ranges": {n: [widest, widest] for n in tracked}}}
+                 "summary": {"value_ranges": {n: [widest, widest] for n in tracked}},
+                 "stop_reason": "x" * MAX_REASON_CHARS}
         return len(json.dumps(final, sort_keys=True).encode("utf-8"))
 
     def _helper(self) -> ThreadPoolExecutor:
@@ -540,21 +562,31 @@ class TraceWriter:
         self._ranges[name] = [lo, hi] if cur is None else [min(cur[0], lo), max(cur[1], hi)]
 
     def _finalize(self, status: str) -> None:
+        self._trim()
+        self._backend.end_streaming()
+        self._set_final_meta(status)
+        self._backend.write_root_meta(self._meta)
+        self._final_meta_written = True
+        self._backend.seal()
+
+    def _trim(self) -> None:
         positions, steps = self._committed
         if steps == 0 or positions < self._meta["prompt_length"]:
             status = "aborted"  # nothing, or not even the prompt, was recorded
         self.status = status
         trim_to([*self._arrays.values(), *self._coords.values()], positions, steps)
         self._backend.flush()
-        self._backend.end_streaming()
+
+    def _set_final_meta(self, status: str, reason: str | None = None) -> None:
+        positions, steps = self._committed
         self._meta.update(
             status=status,
             finished=_utcnow(),
             length={"positions": positions, "steps": steps},
             summary={"value_ranges": {k: v for k, v in sorted(self._ranges.items())}},
         )
-        self._backend.write_root_meta(self._meta)
-        self._backend.seal()
+        if reason is not None:
+            self._meta["stop_reason"] = reason
 
 
 def create_layout(backend: Backend, plan: TracePlan,

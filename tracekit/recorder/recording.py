@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import create as create_trace
+from ..errors import WriterError
 from ..format import CAPTURE_GROUPS, DEFAULT_ATTENTION_TOP_K, DEFAULT_TOP_K, ModelInfo, TracePlan
 from .capture import Capture, StepTaps, eager_attention
 from .errors import RecorderError
@@ -330,10 +331,15 @@ class Recording:
             status = "complete"
             try:
                 ids, steps = self._loop(writer, on_step, started)
-            except BaseException:
+            except BaseException as exc:
                 status = "aborted"
-                with contextlib.suppress(Exception):
+                try:
                     writer.close("aborted")
+                except WriterError as final:
+                    if isinstance(exc, WriterError):  # the writer's own failure, now with
+                        raise final from exc          # what the closed trace keeps
+                except Exception:  # noqa: S110 - the error that stopped the loop comes first
+                    pass
                 raise
             finally:
                 model.train(was_training)

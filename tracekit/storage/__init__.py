@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -94,6 +95,23 @@ class Backend(ABC):
 
     format_name: str = ""
     path: Path | None = None
+    #: Set while a new trace is laid out under a temporary name: where it will be.
+    _final_path: Path | None = None
+    #: Disk space held for finishing the trace after a write fails (writers only).
+    _reserve: SpaceReserve | None = None
+
+    def release_reserve(self) -> None:
+        """Give back the space held for finishing the trace (see :class:`SpaceReserve`): the
+        writer calls it when a write fails, the backend when it closes."""
+        if self._reserve is not None:
+            self._reserve.release()
+            self._reserve = None
+
+    @property
+    def destination(self) -> Path | None:
+        """Where the trace is, or will be once laid out (never the temporary name): the
+        path error messages name."""
+        return self._final_path or self.path
 
     @abstractmethod
     def read_root_meta(self) -> dict[str, Any]:
@@ -143,7 +161,8 @@ class Backend(ABC):
     def flush(self) -> None:
         """Make every write so far visible to readers (and durable across a crash)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        self.release_reserve()
 
     def refresh(self) -> None:
         """Pick up data a concurrent writer committed since opening."""
@@ -267,6 +286,58 @@ def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: i
         if got != want:
             raise CorruptTraceError(f"array {name!r}: chunk {ci} is truncated")
     return out
+
+
+def io_cause(exc: BaseException) -> str:
+    """The cause of a failed write in a few words, on one line: ``No space left on device``
+    for any OSError with an errno (h5py's messages span lines and name the file), else the
+    error's own text, whitespace folded."""
+    code = getattr(exc, "errno", None)
+    if not (isinstance(code, int) and code > 0):
+        found = re.search(r"\berrno = (\d+)", str(exc))  # HDF5's file driver errors
+        code = int(found[1]) if found else None
+    if code:
+        return os.strerror(code)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+#: Disk space a writer holds (see SpaceReserve): more than the metadata HDF5 writes when it
+#: trims, flushes and closes a trace, and than the zarr.json files finalizing rewrites.
+RESERVE_BYTES = 256 << 10
+
+
+class SpaceReserve:
+    """Disk space held on a trace's file system while it is written, and given back when a
+    write fails, so that the writer can still commit the data already written, trim the
+    arrays and write the final metadata on a full disk.
+
+    The space is an unnamed file (``O_TMPFILE``) with blocks allocated: nothing is left
+    behind whatever happens to the process, and the kernel frees it when its descriptor
+    closes. Less is held where less is free; none where the file system cannot allocate.
+    """
+
+    def __init__(self, folder: Path, nbytes: int = RESERVE_BYTES) -> None:
+        self.nbytes = 0
+        self._fd: int | None = None
+        try:
+            fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except (OSError, AttributeError):  # no O_TMPFILE here
+            return
+        while nbytes >= 4096:
+            try:
+                if allocate(fd, 0, nbytes):
+                    self._fd, self.nbytes = fd, nbytes
+                    return
+                break  # the file system cannot allocate ahead
+            except OSError:
+                nbytes //= 4
+        os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self.nbytes = None, 0
 
 
 def allocate(fd: int, offset: int, nbytes: int) -> bool:

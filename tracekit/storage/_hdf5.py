@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import math
@@ -34,6 +35,7 @@ from ..format import ROOT_KEY
 from . import (
     MAX_METADATA_BYTES,
     Backend,
+    SpaceReserve,
     StoredArray,
     allocate,
     check_dtype,
@@ -55,6 +57,12 @@ from ._safety import check_encodable
 #: File length kept beyond HDF5's allocated space before each flush (see _cover_allocated):
 #: more than the metadata one flush allocates.
 FLUSH_HEADROOM = 1 << 20
+#: File space a flush must find allocated beyond the chunks it writes while the writer holds
+#: its space reserve (more than the metadata HDF5 writes when it flushes this format's files).
+FLUSH_MARGIN = 256 << 10
+#: The least space reserve (see SpaceReserve) an HDF5 trace is started with: room to close it
+#: whatever its layout could not write.
+MIN_RESERVE = 64 << 10
 #: Bytes reserved in the metadata attribute beyond its first value, for what finalizing adds,
 #: when the writer does not say how large the metadata can grow.
 META_HEADROOM = 16384
@@ -112,6 +120,23 @@ def _unchecked_dxpl() -> Any:
     return dxpl if setter(dxpl.id, 0) >= 0 else None  # 0: H5Z_DISABLE_EDC
 
 
+def _hdf5_function(name: str, *argtypes: Any) -> Any:
+    """A function of the HDF5 library h5py uses that h5py does not wrap, returning an int
+    status, or None where that library cannot be found among the loaded ones."""
+    function = hdf5_function(name)
+    if function is not None:
+        function.argtypes = list(argtypes)
+        function.restype = ctypes.c_int
+    return function
+
+
+def _read_attempts_setter() -> Any:
+    """``H5Pset_metadata_read_attempts`` (None: HDF5's default applies)."""
+    import ctypes
+
+    return _hdf5_function("H5Pset_metadata_read_attempts", ctypes.c_int64, ctypes.c_uint)
+
+
 def _open_swmr_reader(path: Path) -> h5py.File:
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
@@ -150,8 +175,11 @@ def _check_not_truncated(path: Path) -> None:
 class HDF5Array(StoredArray):
     def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
                  fd: int | None = None, writable: bool = False, raw: bool = False,
-                 checksum: bool = False) -> None:
+                 checksum: bool = False, cached: list[int] | None = None) -> None:
         self.name = name
+        # Bytes written into HDF5's chunk cache since the last flush, shared by a writer's
+        # arrays: the file space its next flush may need for them (see _cover_allocated).
+        self._cached = cached if cached is not None else [0]
         self._ds = ds
         self.dims = dims
         self._fd = fd  # set when rows can be read with plain file reads
@@ -161,6 +189,7 @@ class HDF5Array(StoredArray):
         # shape but through resize (a reader's can: a SWMR writer trims at the end).
         self._dtype = ds.dtype
         self._chunks = tuple(ds.chunks or ds.shape)
+        self._chunk_nbytes = int(np.prod(self._chunks)) * self._dtype.itemsize
         self._shape = tuple(ds.shape) if writable else None
         # Fletcher-32, HDF5's last filter: stored chunks end with it (raw ones: data + 4).
         self.checksum = "fletcher32" if checksum else None
@@ -282,6 +311,7 @@ class HDF5Array(StoredArray):
         rows = full_rows(key, value, self.shape) if self._writable else None
         if rows is None:
             self._ds[key] = value
+            self._cached[0] += max(np.asarray(value).nbytes, self._chunk_nbytes)
             return
         self.write_rows(rows[0], [value])
 
@@ -310,6 +340,8 @@ class HDF5Array(StoredArray):
             for part in parts:
                 self._write_region(row, part)
                 row += len(part)
+            # The flush writes the whole chunk, at a new place the first time.
+            self._cached[0] += self._chunk_nbytes
         self._write_chunks(whole)
 
     def _write_chunks(self, whole: list[tuple[int, list[np.ndarray]]]) -> None:
@@ -383,6 +415,7 @@ class HDF5Backend(Backend):
         self._read_only = read_only
         self._ahead_fd: int | None = None  # writers: extends the file ahead of HDF5's flushes
         self._can_allocate = True
+        self._cached = [0]  # bytes in HDF5's chunk caches, not flushed yet
         # Readers also get a plain descriptor for direct row reads of uncompressed chunks.
         self._fd = os.open(path, os.O_RDONLY) if read_only else None
 
@@ -391,9 +424,30 @@ class HDF5Backend(Backend):
         if path.exists():
             raise TraceExistsError(f"{path} already exists")
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        f = h5py.File(tmp, "w", libver="latest", fs_strategy="page", fs_page_size=PAGE_BYTES,
-                      fs_persist=False)
-        return cls(tmp, f, final_path=path)
+        reserve = SpaceReserve(path.parent)
+        if 0 < reserve.nbytes < MIN_RESERVE:
+            # Closing an HDF5 file it could not flush crashes the interpreter at exit: without
+            # the room to close even a failed layout, do not start.
+            reserve.release()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        try:
+            f = h5py.File(tmp, "w", libver="latest", fs_strategy="page",
+                          fs_page_size=PAGE_BYTES, fs_persist=False)
+        except BaseException:
+            reserve.release()
+            tmp.unlink(missing_ok=True)  # HDF5 leaves the file it could not write
+            raise
+        backend = cls(tmp, f, final_path=path)
+        backend._reserve = reserve
+        # From here on every flush gets its file space first (see _cover_allocated), the
+        # layout's included: the descriptor follows the file when it is renamed.
+        backend._ahead_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:  # the layout's own writes, into allocated space
+            allocate(backend._ahead_fd, 0, FLUSH_HEADROOM)
+        except OSError:
+            backend.discard()
+            raise
+        return backend
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> HDF5Backend:
@@ -502,7 +556,8 @@ class HDF5Backend(Backend):
                 ds.dims[axis].label = dim
                 if dim in self._f:
                     ds.dims[axis].attach_scale(self._f[dim])
-        return HDF5Array(name, ds, tuple(dims), writable=True, checksum=True)
+        return HDF5Array(name, ds, tuple(dims), writable=True, checksum=True,
+                         cached=self._cached)
 
     def array_names(self) -> list[str]:
         return sorted(k for k, v in self._f.items() if isinstance(v, h5py.Dataset))
@@ -549,10 +604,12 @@ class HDF5Backend(Backend):
         raw = (filters in ([], [FLETCHER32]) and ds.chunks is not None
                and ds.chunks[1:] == ds.shape[1:] and dtype.byteorder in ("<", "=", "|"))
         return HDF5Array(name, ds, dims, fd=self._fd if raw else None,
-                         writable=not self._read_only, raw=raw, checksum=checksum)
+                         writable=not self._read_only, raw=raw, checksum=checksum,
+                         cached=self._cached)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
+        self._cover_allocated()
         self._f.flush()
         self._f.swmr_mode = True
         self._f.flush()
@@ -562,7 +619,6 @@ class HDF5Backend(Backend):
             os.rename(self.path, self._final_path)  # type: ignore[arg-type]
             self.path = self._final_path
             self._final_path = None
-        self._ahead_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # type: ignore[arg-type]
 
     def end_streaming(self) -> None:
         """Stay in SWMR mode: the final metadata is written in place (see write_root_meta),
@@ -573,6 +629,7 @@ class HDF5Backend(Backend):
     def flush(self) -> None:
         self._cover_allocated()
         self._f.flush()
+        self._cached[0] = 0
 
     def _cover_allocated(self) -> None:
         """Make the file longer than the space HDF5 has allocated, by ``FLUSH_HEADROOM``,
@@ -587,24 +644,61 @@ class HDF5Backend(Backend):
 
         Nothing more is allocated ahead: HDF5's flushes truncate the file back to its allocated
         end, so keeping 64 MiB allocated ahead re-allocated it at every commit, and writing a
-        2 GB trace took 2.23 s with it against 1.55 s without (plain append: 0.97 s)."""
+        2 GB trace took 2.23 s with it against 1.55 s without (plain append: 0.97 s).
+
+        The extension also covers the chunks HDF5 holds in its cache, and is allocated: a
+        flush that ran out of space part way would leave HDF5's own state inconsistent (its
+        chunk index then misses records, and closing the file fails, then crashes the
+        interpreter at exit). So while the writer holds its space reserve, a disk without room
+        for the flush raises ENOSPC here, before HDF5 writes anything; the writer then trims
+        what it could not commit and, the reserve given back, flushes what is left."""
         fd = self._ahead_fd
         if fd is None:
             return
-        want = self._f.id.get_filesize() + FLUSH_HEADROOM
+        need = self._f.id.get_filesize() + self._cached[0]
+        want = need + FLUSH_HEADROOM
         size = os.fstat(fd).st_size
-        if size < want and not (self._can_allocate and allocate(fd, size, want - size)):
-            os.ftruncate(fd, want)
+        if size >= want:
+            return
+        try:
+            if self._can_allocate and allocate(fd, size, want - size):
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if self._reserve is not None and size < need + FLUSH_MARGIN:
+                allocate(fd, size, need + FLUSH_MARGIN - size)  # ENOSPC: no room to flush
+        # The length alone (the file system cannot allocate, or not all of it): what the
+        # superblock's guarantee needs.
+        os.ftruncate(fd, want)
 
     def refresh(self) -> None:
+        """SWMR readers: every dataset's extent, and the root group's header, whose metadata
+        attribute the writer rewrites when it finishes (``H5Orefresh``, which h5py does not
+        wrap; without it a reader keeps the header it first read, status ``recording``)."""
+        if not self._f.swmr_mode:
+            return
         for ds in self._f.values():
-            if isinstance(ds, h5py.Dataset) and self._f.swmr_mode:
+            if isinstance(ds, h5py.Dataset):
                 ds.refresh()
+        import ctypes
+
+        refresh_object = _hdf5_function("H5Orefresh", ctypes.c_int64)
+        if refresh_object is not None:
+            root = h5py.h5g.open(self._f.id, b"/")
+            try:
+                refresh_object(root.id)
+            finally:
+                root.close()
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        # Closing flushes what HDF5 still holds: give it the space held for that. (A close
+        # that fails leaves HDF5 half closed, and the next attempt, at the latest when the
+        # interpreter exits, crashes inside HDF5.)
+        self.release_reserve()
         with contextlib.suppress(_H5_ERRORS, OSError):
             self._cover_allocated()
         with contextlib.suppress(_H5_ERRORS):
@@ -619,6 +713,28 @@ class HDF5Backend(Backend):
                 self._ahead_fd = None
 
     def discard(self) -> None:
+        """Remove a trace that never got past creation.
+
+        Closing flushes what HDF5 holds; on a disk without room for it the close fails, and
+        HDF5 crashes the interpreter when it retries at exit. The file is going anyway, so
+        HDF5 closes a copy of it in memory: its descriptor is pointed at one."""
         if self._final_path is not None and self.path is not None:
-            self.close()
-            self.path.unlink(missing_ok=True)
+            try:
+                with contextlib.suppress(OSError, AttributeError, *_H5_ERRORS):
+                    fd = self._f.id.get_vfd_handle()
+                    size = os.fstat(fd).st_size
+                    copy = os.memfd_create("tracekit-discarded", os.MFD_CLOEXEC)
+                    try:
+                        done = 0
+                        while done < size:
+                            sent = os.copy_file_range(fd, copy, size - done, done, done)
+                            if not sent:
+                                break
+                            done += sent
+                        if done == size:
+                            os.dup2(copy, fd)
+                    finally:
+                        os.close(copy)
+                self.close()
+            finally:
+                self.path.unlink(missing_ok=True)

@@ -34,6 +34,7 @@ from ..format import ROOT_KEY
 from . import (
     MAX_METADATA_BYTES,
     Backend,
+    SpaceReserve,
     StoredArray,
     allocate,
     check_dtype,
@@ -177,8 +178,12 @@ def _direct_readable(meta: dict[str, Any]) -> bool:
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write a metadata document atomically (temporary file, then rename), as zarr does."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj))  # no indent: json's C encoder runs only without one
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj))  # no indent: json's C encoder runs only without one
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk-full write leaves no stray temporary file
+        raise
 
 
 def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
@@ -484,9 +489,14 @@ class ZarrArray(StoredArray):
             if size == 0:
                 # A new chunk gets its full length (zeros, the fill value) before any row is
                 # written, so it is never short; its blocks allocated at once where the file
-                # system can (steadily fast writes, see ``allocate``).
-                if not allocate(fd, 0, chunk_bytes + tail):
-                    os.ftruncate(fd, chunk_bytes + tail)
+                # system can (steadily fast writes, see ``allocate``). Without room for it
+                # (ENOSPC), the empty file is removed: no chunk of a trace is ever short.
+                try:
+                    if not allocate(fd, 0, chunk_bytes + tail):
+                        os.ftruncate(fd, chunk_bytes + tail)
+                except OSError:
+                    os.unlink(path)
+                    raise
             elif size != chunk_bytes + tail:
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
                                         f"expected {chunk_bytes + tail}")
@@ -527,16 +537,18 @@ class ZarrArray(StoredArray):
                 pending[0] = pending[0][done:]
 
     def resize(self, shape: tuple[int, ...]) -> None:
-        """Rewrite the shape in ``zarr.json`` and delete chunks wholly outside it."""
+        """Delete the chunks wholly outside ``shape`` and rewrite the shape in ``zarr.json``."""
         shape = tuple(int(n) for n in shape)
         chunks = self.chunks
         old = [math.ceil(n / c) for n, c in zip(self.shape, chunks, strict=True)]
         new = [math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)]
         meta = {**self._meta, "shape": list(shape)}
+        # Chunks first: rows past the commit counter are never read, and removing them
+        # releases the space the new zarr.json needs when the disk is full.
+        _remove_chunks_outside(self._folder, meta, old, new)
         _write_json(self._folder / "zarr.json", meta)
         self._meta = meta
         self._zarr = None  # zarr-python reopens it with the new shape when needed
-        _remove_chunks_outside(self._folder, meta, old, new)
 
     def missing_chunks(self, rows: int) -> list[str]:
         counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
@@ -574,7 +586,9 @@ class ZarrBackend(Backend):
         # The folder only: the group's zarr.json is write_root_meta's (zarr-python's
         # open_group would write one first, and its event loop costs milliseconds).
         tmp.mkdir(parents=True)
-        return cls(tmp, zarr.storage.LocalStore(str(tmp)), final_path=path)
+        backend = cls(tmp, zarr.storage.LocalStore(str(tmp)), final_path=path)
+        backend._reserve = SpaceReserve(path.parent)
+        return backend
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> ZarrBackend:
@@ -720,5 +734,6 @@ class ZarrBackend(Backend):
 
     def discard(self) -> None:
         """Remove a trace that never got past creation."""
+        self.release_reserve()
         if self._final_path is not None and self.path is not None and self.path.exists():
             shutil.rmtree(self.path)
