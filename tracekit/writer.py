@@ -562,6 +562,9 @@ class TraceWriter:
         self._ranges[name] = [lo, hi] if cur is None else [min(cur[0], lo), max(cur[1], hi)]
 
     def _finalize(self, status: str) -> None:
+        positions, steps = self._committed
+        if steps == 0 or positions < self._meta["prompt_length"]:
+            status = "aborted"  # nothing, or not even the prompt, was recorded
         self._trim()
         self._backend.end_streaming()
         self._set_final_meta(status)
@@ -571,14 +574,12 @@ class TraceWriter:
 
     def _trim(self) -> None:
         positions, steps = self._committed
-        if steps == 0 or positions < self._meta["prompt_length"]:
-            status = "aborted"  # nothing, or not even the prompt, was recorded
-        self.status = status
         trim_to([*self._arrays.values(), *self._coords.values()], positions, steps)
         self._backend.flush()
 
     def _set_final_meta(self, status: str, reason: str | None = None) -> None:
         positions, steps = self._committed
+        self.status = status
         self._meta.update(
             status=status,
             finished=_utcnow(),
