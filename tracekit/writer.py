@@ -36,8 +36,9 @@ import ml_dtypes
 import numpy as np
 
 from . import __version__
-from .errors import TraceError, WriterError
+from .errors import TraceError, TraceFullError, WriterError
 from .format import (
+    COORD_CHUNK,
     FORMAT_VERSION_STR,
     GROWING_DIMS,
     SCHEMA_NAME,
@@ -60,6 +61,9 @@ _RANGES = {"residual": "residual_range", "attn_out": "attn_out_range",
 _BIG_STEP = 256 << 10
 #: Commits of an array at least this big compute its summaries while its data is written.
 _OVERLAP_BYTES = 1 << 20
+#: Kept back under an HDF5 trace's size cap for the next commits' and closing's metadata
+#: (each commit adds about 0.5 KB beyond the estimate, measured).
+HDF5_RESERVE_BYTES = 16 << 10
 
 
 def _utcnow() -> str:
@@ -124,8 +128,19 @@ class TraceWriter:
     def __init__(self, backend: Backend, plan: TracePlan, *, run: Mapping[str, Any] | None = None,
                  prompt_length: int = 0, tags: Mapping[str, Any] | None = None,
                  environment: Mapping[str, Any] | None = None, queue_size: int = 32,
-                 commit_interval: float = 1.0, commit_bytes: int = 16 << 20) -> None:
+                 commit_interval: float = 1.0, commit_bytes: int = 16 << 20,
+                 max_bytes: int | None = None) -> None:
         self.plan = plan
+        self._format = backend.format_name
+        # The size cap: a step that would take the finished trace past ``max_bytes`` on disk
+        # (as plan.estimated_bytes counts it) is refused and the trace closes "truncated".
+        self.max_bytes = max_bytes
+        self._truncated = False
+        # HDF5's size is measured after each commit (its metadata grows with the commits):
+        # (positions, allocated bytes) then, and the position limit derived from it.
+        self._measured: tuple[int, int] | None = None
+        self._limit: tuple[Any, int] | None = None
+        self._disk_cache: tuple[tuple[int, int], int] | None = None
         self._commit_bytes = commit_bytes
         self._backend = backend
         self._commit_interval = commit_interval
@@ -151,10 +166,12 @@ class TraceWriter:
             "tags": dict(tags or {}),
         }
         self._specs = plan.array_specs()
+        self._meta_bytes = 0
         self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
         try:
             create_layout(backend, plan)
-            backend.write_root_meta(self._meta, capacity=self._final_meta_bound())
+            self._meta_bytes = self._final_meta_bound()
+            backend.write_root_meta(self._meta, capacity=self._meta_bytes)
             backend.begin_streaming()
         except BaseException:
             discard = getattr(backend, "discard", None)
@@ -176,7 +193,7 @@ class TraceWriter:
         self._closed = False
         # Worker-side state.
         self._committed = (0, 0)
-        self._bytes_written = 0
+        self._final_bytes: int | None = None
         self._ranges: dict[str, list[float]] = {}
         self._error: BaseException | None = None
         # Steps handed over and not yet taken by the writer thread. The thread is woken only
@@ -213,8 +230,44 @@ class TraceWriter:
 
     @property
     def bytes_written(self) -> int:
-        """Uncompressed bytes of array data written (committed) so far."""
-        return self._bytes_written
+        """Bytes on disk of the trace: while recording, what its committed positions take
+        (:meth:`TracePlan.estimated_bytes`); once closed, the files' measured size."""
+        if self._final_bytes is not None:
+            return self._final_bytes
+        committed = self._committed
+        if self._disk_cache is None or self._disk_cache[0] != committed:
+            self._disk_cache = (committed, self.plan.estimated_bytes(self._format, *committed))
+        return self._disk_cache[1]
+
+    @property
+    def position_limit(self) -> int:
+        """The most positions the trace may hold under ``max_bytes``, as the plan's estimate
+        counts them. An HDF5 file also grows by a little metadata at each commit (its flushes
+        leave freed space behind: about 0.5 KB each), so there the estimate is corrected by
+        the size measured at the last commit, less a reserve for the next commits and close."""
+        if self.max_bytes is None:
+            return self.plan.max_positions
+        measured = self._measured
+        if self._limit is None or self._limit[0] != measured:
+            # The metadata's final size is kept back too: the estimate counts a typical one,
+            # and a long prompt makes it longer.
+            budget = self.max_bytes - self._meta_bytes
+            if measured is not None:
+                positions, allocated = measured
+                drift = allocated - self.plan.estimated_bytes(self._format, positions, positions)
+                budget -= max(0, drift) + HDF5_RESERVE_BYTES
+            self._limit = (measured, positions_within(self.plan, self._format, budget))
+        return self._limit[1]
+
+    @property
+    def truncated(self) -> bool:
+        """True once a step was refused for the size cap (the trace closes ``truncated``)."""
+        return self._truncated
+
+    def truncate(self) -> None:
+        """Stop here for the size cap: closing the trace then gives it status ``truncated``
+        (the recorder calls it before computing a step that would not fit)."""
+        self._truncated = True
 
     def write_step(self, token_ids: Sequence[int] | np.ndarray,
                    token_texts: Sequence[bytes | str], arrays: Mapping[str, np.ndarray],
@@ -253,6 +306,10 @@ class TraceWriter:
             times = tuple(float(t) for t in step_times)
             if len(times) != len(sizes):
                 raise WriterError(f"{len(times)} step times for {len(sizes)} steps")
+        if self._next_position + n > self.position_limit and (
+                self._next_position + n <= self.plan.max_positions):
+            self._refuse_past_cap(token_ids, token_texts, arrays, sizes, step_times)
+            return
         if self._next_position + n > self.plan.max_positions:
             raise WriterError(
                 f"step would end at position {self._next_position + n}, beyond the planned "
@@ -307,6 +364,8 @@ class TraceWriter:
         if self._closed:
             return
         self._closed = True
+        if status == "complete" and self._truncated:
+            status = "truncated"
         self._put(_STOP, True, force=True)
         self._thread.join()
         if self._pool is not None:
@@ -319,6 +378,9 @@ class TraceWriter:
                 raise WriterError(f"finalizing the trace failed: {exc}") from exc
         finally:
             self._backend.close()
+        if self._backend.path is not None and self._format != "memory":
+            # Measured once closed (HDF5's close cuts the space kept ahead of its flushes).
+            self._final_bytes = disk_bytes(self._backend.path)
         if error is not None:
             raise WriterError(f"recording failed: {error}") from error
 
@@ -333,6 +395,26 @@ class TraceWriter:
                 self.close("aborted")
 
     # -- internals --------------------------------------------------------------------------
+    def _refuse_past_cap(self, token_ids, token_texts, arrays, sizes, step_times) -> None:
+        """Queue the whole steps of a call that fit under the size cap, mark the trace
+        truncated and raise TraceFullError for the rest."""
+        ids = np.asarray(token_ids).reshape(-1)
+        room = self.position_limit - self._next_position
+        fit = 0
+        while fit < len(sizes) and sum(sizes[:fit + 1]) <= room:
+            fit += 1
+        kept = sum(sizes[:fit])
+        if fit:
+            self.write_steps(ids[:kept], list(token_texts[:kept]),
+                             {k: v[:kept] for k, v in arrays.items()},
+                             step_positions=sizes[:fit],
+                             step_times=None if step_times is None else step_times[:fit])
+        self._truncated = True
+        cap = self.max_bytes
+        raise TraceFullError(
+            f"stopped at {self._next_position} positions: the next step would take the trace "
+            f"past its size cap of {cap} bytes")
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise WriterError(f"recording failed: {self._error}") from self._error
@@ -410,7 +492,6 @@ class TraceWriter:
 
     def _write(self, name: str, region: tuple, data: np.ndarray) -> None:
         self._arrays[name][region] = data
-        self._bytes_written += data.nbytes
 
     def _commit(self, steps: list[_Step]) -> None:
         plan = self.plan
@@ -451,7 +532,6 @@ class TraceWriter:
                        if size >= _OVERLAP_BYTES else None)
             # Big steps are written straight from the producer's buffers, without joining.
             self._arrays[name].write_rows(start, blocks)
-            self._bytes_written += size
             norms, rng = (pending.result() if pending is not None
                           else _summaries(name, steps, blocks, logical))
             if norms is not None:
@@ -475,6 +555,10 @@ class TraceWriter:
         self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
         self._backend.flush()
         self._committed = (end, s1)
+        if self.max_bytes is not None:
+            allocated = self._backend.allocated_bytes()
+            if allocated is not None:
+                self._measured = (end, allocated)
 
     def _final_meta_bound(self) -> int:
         """Bytes the metadata can take once finalized: what :meth:`_finalize` adds, each
@@ -505,8 +589,7 @@ class TraceWriter:
                 a = s.arrays["attention"]
                 block[s.start - start: s.start - start + s.n, :, :, : a.shape[3]] = _to_stored(
                     a, logical)
-        self._arrays["attention"].write_rows(start, [block])
-        self._bytes_written += block.nbytes
+        self._write_attention_tiles(start, block)
         if all("attention_top_keys" in s.arrays for s in steps):
             top_k = np.concatenate([s.arrays["attention_top_keys"] for s in steps])
             top_w = np.concatenate([s.arrays["attention_top_weights"] for s in steps])
@@ -515,6 +598,22 @@ class TraceWriter:
         rows = (slice(start, end),)
         self._write("attention_top_keys", rows, np.asarray(top_k, dtype=np.int32))
         self._write("attention_top_weights", rows, np.asarray(top_w, dtype=np.float32))
+
+    def _write_attention_tiles(self, start: int, block: np.ndarray) -> None:
+        """Write attention rows ``start:start+len(block)`` tile row by tile row. A causal
+        model's query attends to no later key, so each tile row is written only up to its last
+        query's key: tiles wholly above the diagonal are never written (readers see the fill
+        value, 0), and the trace costs about the triangle it holds."""
+        arr = self._arrays["attention"]
+        tile = self.plan.attention_tile[0]
+        causal = self.plan.model.kind == "causal"
+        end = start + len(block)
+        lo = start
+        while lo < end:
+            hi = min(end, (lo // tile + 1) * tile)
+            keys = min(block.shape[-1], hi) if causal else block.shape[-1]
+            arr.write_rows(lo, [block[lo - start: hi - start, ..., :keys]])
+            lo = hi
 
     def _track(self, name: str, values: np.ndarray) -> None:
         lo, hi = float(np.min(values)), float(np.max(values))
@@ -536,11 +635,33 @@ class TraceWriter:
         self._backend.seal()
 
 
+def positions_within(plan: TracePlan, format: str, max_bytes: int) -> int:
+    """The most positions a trace of ``plan`` can hold within ``max_bytes`` on disk (as
+    :meth:`TracePlan.estimated_bytes` counts them; 0 when not even one fits)."""
+    lo, hi = 0, plan.max_positions
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan.estimated_bytes(format, mid, mid) <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def disk_bytes(path: os.PathLike[str] | str) -> int:
+    """Bytes a trace takes on disk: its file's size, or the sum of its files' sizes (the
+    apparent size; ``du`` also counts each file's last partial file system block)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
 def create_layout(backend: Backend, plan: TracePlan) -> None:
     """Create every coordinate and data array of ``plan`` (preallocated, zero filled)."""
     for dim in plan.used_dims():
         values = plan.coordinate_values(dim)
-        chunk = (max(1, min(len(values), 1 << 16)),)
+        chunk = (max(1, min(len(values), COORD_CHUNK)),)
         arr = backend.create_array(dim, values.shape, values.dtype, chunk, (dim,), {}, None,
                                    coordinate=True)
         if len(values):

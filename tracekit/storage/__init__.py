@@ -8,9 +8,10 @@ touches any data, so that a hostile file is refused rather than decoded.
 from __future__ import annotations
 
 import errno
+import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,11 @@ class StoredArray(ABC):
             key += (slice(None),) * (data.ndim - 2) + (slice(0, data.shape[-1]),)
         self[key] = data
 
-    def missing_chunks(self, rows: int) -> list[str]:
-        """Chunks within the first ``rows`` of the leading axis that were never stored."""
+    def missing_chunks(self, rows: int,
+                       expected: Callable[[tuple[int, ...]], bool] | None = None) -> list[str]:
+        """Chunks within the first ``rows`` of the leading axis that were never stored, among
+        those ``expected(chunk_index)`` says must be (default: all; causal attention stores
+        only the tiles on or below the diagonal)."""
         return []
 
 
@@ -126,6 +130,11 @@ class Backend(ABC):
 
     def flush(self) -> None:
         """Make every write so far visible to readers (and durable across a crash)."""
+
+    def allocated_bytes(self) -> int | None:
+        """Bytes the container has allocated so far, where it can say without a scan (HDF5:
+        its end of allocated space; None elsewhere)."""
+        return None
 
     def close(self) -> None: ...
 
@@ -241,6 +250,65 @@ def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: i
                         base + (lo - ci * rows_per_chunk) * row_bytes)
         if got != want:
             raise CorruptTraceError(f"array {name!r}: chunk {ci} is truncated")
+    return out
+
+
+def tiled_key(key: tuple, shape: tuple[int, ...]) -> tuple[int, int, int, int, tuple] | None:
+    """For a key of ints and step-1 slices on every axis, the rows and keys (first and last
+    axes) to read and the selection that finishes the result: None if not of that form."""
+    if len(key) != len(shape) or len(shape) < 2:
+        return None
+    bounds = []
+    for k, n in ((key[0], shape[0]), (key[-1], shape[-1])):
+        if isinstance(k, (int, np.integer)):
+            bounds.append((int(k), int(k) + 1))
+        elif isinstance(k, slice) and k.step in (None, 1):
+            start, stop, _ = k.indices(n)
+            bounds.append((start, max(start, stop)))
+        else:
+            return None
+    finish = (0 if isinstance(key[0], (int, np.integer)) else slice(None), *key[1:-1],
+              0 if isinstance(key[-1], (int, np.integer)) else slice(None))
+    return (*bounds[0], *bounds[1], finish)
+
+
+def read_tiles_direct(name: str, locate, rows: tuple[int, int], keys: tuple[int, int],
+                      tile: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Read ``rows`` x every middle axis x ``keys`` of an uncompressed array chunked along its
+    first and last axes only (attention's position x key tiles): one ``preadv`` per tile of the
+    rows each tile holds of them, contiguous in the tile. A step (one row, every key) reads
+    one row of each key tile, not the whole tiles.
+
+    ``locate(row_chunk, key_chunk)`` returns ``(fd, byte_offset, stored_size)`` or None for a
+    tile never written (the fill value 0: above the diagonal of a causal trace)."""
+    from ..errors import CorruptTraceError
+
+    (r0, r1), (k0, k1) = rows, keys
+    tile_rows, tile_keys = tile[0], tile[-1]
+    out = np.zeros((max(0, r1 - r0), *tile[1:-1], max(0, k1 - k0)), dtype=dtype)
+    if r1 <= r0 or k1 <= k0:
+        return out
+    row_bytes = math.prod(tile[1:]) * dtype.itemsize
+    for ci in range(r0 // tile_rows, (r1 - 1) // tile_rows + 1):
+        lo, hi = max(r0, ci * tile_rows), min(r1, (ci + 1) * tile_rows)
+        buf = None
+        for kj in range(k0 // tile_keys, (k1 - 1) // tile_keys + 1):
+            where = locate(ci, kj)
+            if where is None:
+                continue  # zeros already
+            fd, base, size = where
+            if size != tile_rows * row_bytes:
+                raise CorruptTraceError(f"array {name!r}: chunk ({ci}, {kj}) has {size} bytes, "
+                                        f"expected {tile_rows * row_bytes} (truncated or corrupt)")
+            if buf is None:
+                buf = np.empty((hi - lo, *tile[1:]), dtype=dtype)
+            got = os.preadv(fd, [memoryview(buf.reshape(-1).view(np.uint8))],
+                            base + (lo - ci * tile_rows) * row_bytes)
+            if got != buf.nbytes:
+                raise CorruptTraceError(f"array {name!r}: chunk ({ci}, {kj}) is truncated")
+            a, b = max(k0, kj * tile_keys), min(k1, (kj + 1) * tile_keys)
+            out[lo - r0: hi - r0, ..., a - k0: b - k0] = buf[..., a - kj * tile_keys:
+                                                              b - kj * tile_keys]
     return out
 
 

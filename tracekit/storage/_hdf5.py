@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from ..errors import (
     NotATraceError,
     TraceExistsError,
 )
-from ..format import ROOT_KEY
+from ..format import HDF5_PAGE_BYTES, ROOT_KEY
 from . import (
     MAX_METADATA_BYTES,
     Backend,
@@ -37,7 +39,9 @@ from . import (
     chunk_parts,
     full_rows,
     read_rows_direct,
+    read_tiles_direct,
     split_rows_key,
+    tiled_key,
 )
 
 #: File length kept beyond HDF5's allocated space before each flush (see _cover_allocated):
@@ -51,7 +55,7 @@ META_HEADROOM = 16384
 #: a checksummed HDF5 metadata block half old, half new, and the file unreadable. Files are
 #: therefore created with HDF5's paged aggregation: no metadata block below a page straddles
 #: one, so every in-place update of one (chunk index nodes, object headers) is all or nothing.
-PAGE_BYTES = 4096
+PAGE_BYTES = HDF5_PAGE_BYTES
 #: Capacity of the metadata attribute when everything finalizing writes fits in it: its
 #: object-header chunk (the string plus about 60 bytes of message headers and checksum) then
 #: stays within one page, so the final, in-place metadata update cannot be torn.
@@ -129,11 +133,13 @@ def _check_not_truncated(path: Path) -> None:
 
 class HDF5Array(StoredArray):
     def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
-                 fd: int | None = None, writable: bool = False, raw: bool = False) -> None:
+                 fd: int | None = None, writable: bool = False, raw: bool = False,
+                 tiled_fd: int | None = None) -> None:
         self.name = name
         self._ds = ds
         self.dims = dims
         self._fd = fd  # set when rows can be read with plain file reads
+        self._tiled_fd = tiled_fd  # set when position x key tiles can be read that way
         self._raw_chunks = raw and writable  # whole chunks can be written as raw bytes
         self._writable = writable
         # h5py asks HDF5 for these on every access; they do not change, nor does a writer's
@@ -167,7 +173,23 @@ class HDF5Array(StoredArray):
                 if k not in ("DIMENSION_LIST", "DIMENSION_LABELS", "REFERENCE_LIST", "CLASS",
                              "NAME")}
 
+    def _locate_tile(self, ci: int, kj: int):
+        offset = (ci * self._chunks[0],) + (0,) * (len(self.dims) - 2) + (kj * self._chunks[-1],)
+        info = self._ds.id.get_chunk_info_by_coord(offset)
+        if info.byte_offset is None:
+            return None
+        return self._tiled_fd, info.byte_offset, info.size
+
     def __getitem__(self, key: tuple) -> np.ndarray:
+        tiled = tiled_key(key, self.shape) if self._tiled_fd is not None else None
+        if tiled is not None:
+            r0, r1, k0, k1, finish = tiled
+            try:
+                out = read_tiles_direct(self.name, self._locate_tile, (r0, r1), (k0, k1),
+                                        self._chunks, self._dtype)
+            except (*_H5_ERRORS, OSError) as exc:
+                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+            return out[finish]
         split = split_rows_key(key, self.shape) if self._fd is not None else None
         if split is not None:
             start, stop, rest, drop = split
@@ -230,11 +252,15 @@ class HDF5Array(StoredArray):
         if self._shape is not None:
             self._shape = tuple(int(n) for n in shape)
 
-    def missing_chunks(self, rows: int) -> list[str]:
-        chunks = self.chunks
+    def missing_chunks(self, rows: int, expected=None) -> list[str]:
+        chunks, shape = self.chunks, self.shape
+        counts = [math.ceil(rows / chunks[0]),
+                  *(math.ceil(s / c) for s, c in zip(shape[1:], chunks[1:], strict=True))]
         missing = []
-        for start in range(0, rows, chunks[0]):
-            offset = (start,) + (0,) * (len(chunks) - 1)
+        for idx in itertools.product(*(range(n) for n in counts)):
+            if expected is not None and not expected(idx):
+                continue
+            offset = tuple(i * c for i, c in zip(idx, chunks, strict=True))
             try:
                 info = self._ds.id.get_chunk_info_by_coord(offset)
                 if info.byte_offset is None:
@@ -414,10 +440,13 @@ class HDF5Backend(Backend):
                 dims = tuple(d.label for d in ds.dims)
         except _H5_ERRORS as exc:
             raise CorruptTraceError(f"array {name!r}: unreadable dimension labels ({exc})") from exc
-        raw = (not filters and ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]
-               and dtype.byteorder in ("<", "=", "|"))
+        plain = not filters and ds.chunks is not None and dtype.byteorder in ("<", "=", "|")
+        raw = plain and ds.chunks[1:] == ds.shape[1:]
+        # Chunked along the last axis too (attention's position x key tiles).
+        tiled = plain and not raw and len(ds.shape) >= 2 and ds.chunks[1:-1] == ds.shape[1:-1]
         return HDF5Array(name, ds, dims, fd=self._fd if raw else None,
-                         writable=not self._read_only, raw=raw)
+                         writable=not self._read_only, raw=raw,
+                         tiled_fd=self._fd if tiled else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
@@ -441,6 +470,9 @@ class HDF5Backend(Backend):
     def flush(self) -> None:
         self._cover_allocated()
         self._f.flush()
+
+    def allocated_bytes(self) -> int | None:
+        return int(self._f.id.get_filesize())
 
     def _cover_allocated(self) -> None:
         """Make the file longer than the space HDF5 has allocated, by ``FLUSH_HEADROOM``,
