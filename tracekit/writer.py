@@ -357,7 +357,8 @@ class TraceWriter:
     def close(self, status: str = "complete") -> None:
         """Commit what is queued, trim the arrays, write the final metadata and close.
 
-        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C). If the writer thread
+        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C); ``complete`` becomes
+        ``truncated`` once a step was refused for the size cap. If the writer thread
         failed, the trace is closed as ``aborted`` with its committed data, and the error is
         raised as a WriterError.
         """
@@ -388,7 +389,7 @@ class TraceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None or isinstance(exc, TraceFullError):  # the cap: closes "truncated"
             self.close("complete")
         else:
             with contextlib.suppress(TraceError):
@@ -736,7 +737,8 @@ def create(path: str | os.PathLike[str] | Backend, plan: TracePlan, *, format: s
            overwrite: bool = False, **metadata: Any) -> TraceWriter:
     """Create a trace at ``path`` (zarr directory or HDF5 file, from ``format`` or the suffix)
     and return its writer. Keyword arguments (``run``, ``prompt_length``, ``tags``,
-    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``) go to
+    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``, ``max_bytes``: a
+    cap on the size on disk, see :attr:`TraceWriter.position_limit`) go to
     :class:`TraceWriter`."""
     if isinstance(path, Backend):
         return TraceWriter(path, plan, **metadata)
