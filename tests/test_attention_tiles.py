@@ -13,8 +13,8 @@ import pytest
 import tracekit
 from tracekit import ModelInfo, TracePlan
 from tracekit.errors import TraceFullError
+from tracekit.sizecap import disk_bytes
 from tracekit.validate import validate
-from tracekit.writer import disk_bytes
 
 PAGE = 4096
 

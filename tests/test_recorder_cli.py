@@ -101,7 +101,7 @@ def test_max_size_refuses_to_start_when_the_prompt_alone_would_pass_it(
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_max_size_stops_at_the_cap_with_a_valid_truncated_trace(
         model_dir: Path, tmp_path: Path, suffix: str) -> None:
-    from tracekit.writer import disk_bytes
+    from tracekit.sizecap import disk_bytes
 
     full = tmp_path / f"full{suffix}"
     assert run("record", model_dir, "-p", PROMPT, "-o", full, "-n", "40",

@@ -216,7 +216,7 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
     plan = rec.plan
     estimate = plan.estimated_bytes(fmt)
     if max_size is not None and estimate > max_size:
-        from .writer import positions_within
+        from .sizecap import positions_within
 
         fits, prompt = positions_within(plan, fmt, max_size), len(rec.prompt_ids)
         if fits < prompt:

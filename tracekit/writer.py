@@ -47,55 +47,22 @@ from .format import (
     TracePlan,
     storage_dtype,
 )
+from .sizecap import SizeCap, disk_bytes
 from .storage import Backend, StoredArray, create_backend, format_from_suffix
+from .summaries import _NORMS, _RANGES, _as_float32, _summaries, attention_top_k
 
 _STOP = object()
 _FLUSH = object()
 _COMMIT = object()  # commit the steps handed over before it
 
-#: Summary arrays derived from each input array.
-_NORMS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
-_RANGES = {"residual": "residual_range", "attn_out": "attn_out_range",
-           "mlp_out": "mlp_out_range", "neurons": "neurons_range"}
 #: Steps at least this big (bytes per array) are written block by block, never joined.
 _BIG_STEP = 256 << 10
 #: Commits of an array at least this big compute its summaries while its data is written.
 _OVERLAP_BYTES = 1 << 20
-#: Kept back under an HDF5 trace's size cap for the next commits' and closing's metadata
-#: (each commit adds about 0.5 KB beyond the estimate, measured).
-HDF5_RESERVE_BYTES = 16 << 10
 
 
 def _utcnow() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _as_float32(x: np.ndarray) -> np.ndarray:
-    if x.dtype == np.uint16:  # bfloat16 bits
-        x = x.view(ml_dtypes.bfloat16)
-    return x.astype(np.float32, copy=False)
-
-
-def _summaries(name: str, steps: list[_Step], blocks: list[np.ndarray],
-               logical: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Norms (given by the producer, or computed) and value ranges of one array's rows."""
-    norms = rng = None
-    if name in _NORMS:
-        norm_name = _NORMS[name]
-        if all(norm_name in s.arrays for s in steps):
-            norms = np.asarray(np.concatenate([s.arrays[norm_name] for s in steps]),
-                               dtype=np.float32)
-        else:
-            norms = np.concatenate([_norms(b) for b in blocks])
-    if name in _RANGES:
-        rng = np.concatenate([row_min_max(b, logical) for b in blocks])
-    return norms, rng
-
-
-def _norms(stored: np.ndarray) -> np.ndarray:
-    """L2 norm over the last axis, accumulated in float32."""
-    values = _as_float32(stored)
-    return np.sqrt(np.einsum("...i,...i->...", values, values))
 
 
 def _to_stored(x: np.ndarray, logical: str) -> np.ndarray:
@@ -135,11 +102,8 @@ class TraceWriter:
         # The size cap: a step that would take the finished trace past ``max_bytes`` on disk
         # (as plan.estimated_bytes counts it) is refused and the trace closes "truncated".
         self.max_bytes = max_bytes
+        self._cap: SizeCap | None = None
         self._truncated = False
-        # HDF5's size is measured after each commit (its metadata grows with the commits):
-        # (positions, allocated bytes) then, and the position limit derived from it.
-        self._measured: tuple[int, int] | None = None
-        self._limit: tuple[Any, int] | None = None
         self._disk_cache: tuple[tuple[int, int], int] | None = None
         self._commit_bytes = commit_bytes
         self._backend = backend
@@ -166,12 +130,13 @@ class TraceWriter:
             "tags": dict(tags or {}),
         }
         self._specs = plan.array_specs()
-        self._meta_bytes = 0
         self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
         try:
             create_layout(backend, plan)
-            self._meta_bytes = self._final_meta_bound()
-            backend.write_root_meta(self._meta, capacity=self._meta_bytes)
+            meta_bytes = self._final_meta_bound()
+            backend.write_root_meta(self._meta, capacity=meta_bytes)
+            if max_bytes is not None:
+                self._cap = SizeCap(plan, self._format, max_bytes, meta_bytes)
             backend.begin_streaming()
         except BaseException:
             discard = getattr(backend, "discard", None)
@@ -241,23 +206,9 @@ class TraceWriter:
 
     @property
     def position_limit(self) -> int:
-        """The most positions the trace may hold under ``max_bytes``, as the plan's estimate
-        counts them. An HDF5 file also grows by a little metadata at each commit (its flushes
-        leave freed space behind: about 0.5 KB each), so there the estimate is corrected by
-        the size measured at the last commit, less a reserve for the next commits and close."""
-        if self.max_bytes is None:
-            return self.plan.max_positions
-        measured = self._measured
-        if self._limit is None or self._limit[0] != measured:
-            # The metadata's final size is kept back too: the estimate counts a typical one,
-            # and a long prompt makes it longer.
-            budget = self.max_bytes - self._meta_bytes
-            if measured is not None:
-                positions, allocated = measured
-                drift = allocated - self.plan.estimated_bytes(self._format, positions, positions)
-                budget -= max(0, drift) + HDF5_RESERVE_BYTES
-            self._limit = (measured, positions_within(self.plan, self._format, budget))
-        return self._limit[1]
+        """The most positions the trace may hold: ``max_positions``, or fewer under
+        ``max_bytes`` (see :class:`~tracekit.sizecap.SizeCap`)."""
+        return self.plan.max_positions if self._cap is None else self._cap.positions
 
     @property
     def truncated(self) -> bool:
@@ -556,10 +507,8 @@ class TraceWriter:
         self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
         self._backend.flush()
         self._committed = (end, s1)
-        if self.max_bytes is not None:
-            allocated = self._backend.allocated_bytes()
-            if allocated is not None:
-                self._measured = (end, allocated)
+        if self._cap is not None:
+            self._cap.measured(end, self._backend.allocated_bytes())
 
     def _final_meta_bound(self) -> int:
         """Bytes the metadata can take once finalized: what :meth:`_finalize` adds, each
@@ -636,28 +585,6 @@ class TraceWriter:
         self._backend.seal()
 
 
-def positions_within(plan: TracePlan, format: str, max_bytes: int) -> int:
-    """The most positions a trace of ``plan`` can hold within ``max_bytes`` on disk (as
-    :meth:`TracePlan.estimated_bytes` counts them; 0 when not even one fits)."""
-    lo, hi = 0, plan.max_positions
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if plan.estimated_bytes(format, mid, mid) <= max_bytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def disk_bytes(path: os.PathLike[str] | str) -> int:
-    """Bytes a trace takes on disk: its file's size, or the sum of its files' sizes (the
-    apparent size; ``du`` also counts each file's last partial file system block)."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
 def create_layout(backend: Backend, plan: TracePlan) -> None:
     """Create every coordinate and data array of ``plan`` (preallocated, zero filled)."""
     for dim in plan.used_dims():
@@ -689,48 +616,6 @@ def trim_to(arrays: Sequence[StoredArray], positions: int, steps: int) -> None:
                     for d, s in zip(arr.dims, arr.shape, strict=True))
         if new != arr.shape:
             arr.resize(new)
-
-
-def row_min_max(stored: np.ndarray, logical: str) -> np.ndarray:
-    """[n, 2] min and max of each row of stored activations.
-
-    16-bit floats are reduced as integers (numpy vectorises integer min/max, not float16's):
-    as int16, the largest value is the largest float whenever the row has a non-negative
-    value; as uint16, the largest value is the most negative float whenever the row has a
-    negative one. Rows of a single sign (rare) take one more reduction."""
-    n = stored.shape[0]
-    if logical not in ("float16", "bfloat16"):
-        values = stored.reshape(n, -1)
-        return np.stack([values.min(axis=1), values.max(axis=1)], axis=1).astype(np.float32)
-    signed = stored.view(np.int16).reshape(n, -1)
-    unsigned = signed.view(np.uint16)
-    hi = signed.max(axis=1)
-    lo = unsigned.max(axis=1).view(np.int16)
-    all_negative = hi < 0  # then the max is the negative value nearest zero
-    if all_negative.any():
-        hi[all_negative] = unsigned[all_negative].min(axis=1).view(np.int16)
-    no_negative = lo >= 0  # then the min is the smallest non-negative value
-    if no_negative.any():
-        lo[no_negative] = signed[no_negative].min(axis=1)
-    ftype = np.float16 if logical == "float16" else ml_dtypes.bfloat16
-    return np.stack([lo, hi], axis=1).view(ftype).astype(np.float32)
-
-
-def attention_top_k(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` keys per row of ``weights[..., key]``, by weight, descending; -1 where the
-    weight is 0 (no key there)."""
-    keys = weights.shape[-1]
-    kk = min(k, keys)
-    idx = np.argpartition(-weights, kk - 1, axis=-1)[..., :kk]
-    w = np.take_along_axis(weights, idx, axis=-1)
-    order = np.argsort(-w, axis=-1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=-1)
-    w = np.take_along_axis(w, order, axis=-1)
-    out_i = np.full((*weights.shape[:-1], k), -1, dtype=np.int32)
-    out_w = np.zeros((*weights.shape[:-1], k), dtype=np.float32)
-    out_i[..., :kk] = np.where(w > 0, idx, -1)
-    out_w[..., :kk] = np.where(w > 0, w, 0)
-    return out_i, out_w
 
 
 def create(path: str | os.PathLike[str] | Backend, plan: TracePlan, *, format: str | None = None,

@@ -21,8 +21,8 @@ import torch
 from .. import create as create_trace
 from ..errors import TraceFullError
 from ..format import CAPTURE_GROUPS, DEFAULT_ATTENTION_TOP_K, DEFAULT_TOP_K, ModelInfo, TracePlan
+from ..sizecap import positions_within
 from ..storage import format_from_suffix
-from ..writer import positions_within
 from .capture import Capture, StepTaps, eager_attention
 from .errors import RecorderError
 from .structure import ModelStructure, discover_structure, input_device
