@@ -59,29 +59,30 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 STEP_CHUNK = 4096
 #: Bytes of the checksum stored with every data chunk (zarr crc32c codec, HDF5 Fletcher-32).
 CHUNK_CHECKSUM_BYTES = 4
-#: Attention (every array with a ``key`` axis) is stored in square tiles of positions x keys,
-#: about a 32nd of the planned length on a side, so that a causal trace stores only the tiles
-#: on or below the diagonal: about ``1 + 2 / ATTENTION_TILES`` times the triangle it holds,
-#: with a file count (zarr) that does not grow with the length. Tiles are at least
-#: ``MIN_ATTENTION_TILE`` on a side (smaller ones would cost a file system block each for a
-#: few bytes) and at most ``chunk_bytes`` large.
-ATTENTION_TILES = 32
-MIN_ATTENTION_TILE = 16
+#: Attention (every array with a ``key`` axis) is stored in tiles of positions x keys, about
+#: a 40th of the planned length on a side, so that a causal trace stores only the tiles on or
+#: below the diagonal: about ``1 + 2 / ATTENTION_TILES`` times the triangle it holds (1.06 at
+#: 500 positions with the edges), in about 800 tiles (zarr: files) whatever the length. Tiles
+#: are at least ``MIN_ATTENTION_TILE`` on a side and at most ``chunk_bytes`` large.
+ATTENTION_TILES = 40
+MIN_ATTENTION_TILE = 8
 #: Values per chunk of the coordinate arrays.
 COORD_CHUNK = 1 << 16
 #: The HDF5 backend's file space page (storage/_hdf5.py): chunks of a page or more take whole
 #: pages, so attention tiles are shaped to fill theirs (see attention_tile).
 HDF5_PAGE_BYTES = 4096
 # Metadata bytes of a finished trace beyond its chunks: least-squares fits to demo-model
-# recordings of 1 to 505 positions and 18 to 36 arrays (tests/test_sizes.py checks the
-# estimate against real recordings). zarr: the group's document, then each array's zarr.json
-# and its consolidated copy. HDF5: each array's object header, dimension scale links and their
-# pages, and each chunk's index entry.
+# recordings of 1 to 505 positions and 18 to 36 arrays (tests/test_attention_tiles.py checks
+# the estimate against real recordings). zarr: the group's document, then each array's
+# zarr.json and its consolidated copy. HDF5: each array's object header, dimension scale links
+# and their pages, and each chunk's index entry; an HDF5 file also grows with its commits (each
+# flush leaves some metadata space behind: 110 to 370 bytes per chunk were fitted, from fast
+# to slow recordings, whence 200), so its estimate is good to about 5%.
 ZARR_BASE_BYTES = 544
 ZARR_ARRAY_BYTES = 965
 HDF5_BASE_BYTES = -24812  # negative: the per-array figure is a slope over 18-36 arrays
 HDF5_ARRAY_BYTES = 3730
-HDF5_CHUNK_BYTES = 108
+HDF5_CHUNK_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -357,13 +358,16 @@ class TracePlan:
     def attention_tile(self) -> tuple[int, int]:
         """(positions, keys) of one tile of the key-indexed arrays (attention).
 
-        Square, a power of two near ``max_positions / ATTENTION_TILES`` (at least
-        ``MIN_ATTENTION_TILE``, at most the length); halved along positions, then keys, while
-        a tile would exceed ``chunk_bytes`` (models with many layers x heads)."""
+        Square, ``max_positions / ATTENTION_TILES`` on a side (at least
+        ``MIN_ATTENTION_TILE`` and about a page, at most the length); halved along positions,
+        then keys, while a tile would exceed ``chunk_bytes`` (models with many layers x heads);
+        then reshaped by a few rows or keys to fill its HDF5 pages (:func:`_fill_pages`)."""
         P = self.max_positions
-        side = max(MIN_ATTENTION_TILE, 1 << max(0, (P // ATTENTION_TILES).bit_length() - 1))
-        rows, keys = min(side, P), min(side, P)
         cell = len(self.layers) * self.model.n_heads * storage_dtype(self.stored_dtype).itemsize
+        # Not below about a page either: a zarr tile is a file, and takes a block.
+        fill = math.isqrt(max(1, (HDF5_PAGE_BYTES - CHUNK_CHECKSUM_BYTES) // cell))
+        side = max(MIN_ATTENTION_TILE, fill, P // ATTENTION_TILES)
+        rows, keys = min(side, P), min(side, P)
         while rows * keys * cell > self.chunk_bytes and max(rows, keys) > 1:
             if rows >= keys:
                 rows = max(1, rows // 2)
@@ -454,18 +458,20 @@ class TracePlan:
         s = n if steps is None else steps
         page = HDF5_PAGE_BYTES if format == "hdf5" else 1
 
-        def stored(nbytes: int) -> int:
+        def stored(nbytes: int) -> float:
             nbytes += CHUNK_CHECKSUM_BYTES
-            return -(-nbytes // page) * page if nbytes >= page else nbytes
+            if nbytes >= page:
+                return -(-nbytes // page) * page
+            return page / (page // nbytes)  # small chunks share pages, as many as fit
 
-        total = 0
+        total = 0.0
         arrays, coords = self._stored_layout
         for spec, chunks, item in arrays:
             total += self.stored_chunks(spec, n, s) * stored(math.prod(chunks) * item)
         for dim, length, chunk in coords:
             kept = math.ceil((n if dim in GROWING_DIMS else length) / chunk)
             total += kept * stored(chunk * 8)
-        return total
+        return math.ceil(total)
 
     def _chunks_of(self, spec: ArraySpec) -> tuple[int, ...]:
         for known, chunks, _ in self._stored_layout[0]:
