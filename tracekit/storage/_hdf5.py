@@ -140,6 +140,7 @@ class HDF5Array(StoredArray):
         self.dims = dims
         self._fd = fd  # set when rows can be read with plain file reads
         self._tiled_fd = tiled_fd  # set when position x key tiles can be read that way
+        self._tiles: dict[tuple[int, int], tuple[int, int]] | None = None
         self._raw_chunks = raw and writable  # whole chunks can be written as raw bytes
         self._writable = writable
         # h5py asks HDF5 for these on every access; they do not change, nor does a writer's
@@ -174,11 +175,22 @@ class HDF5Array(StoredArray):
                              "NAME")}
 
     def _locate_tile(self, ci: int, kj: int):
-        offset = (ci * self._chunks[0],) + (0,) * (len(self.dims) - 2) + (kj * self._chunks[-1],)
-        info = self._ds.id.get_chunk_info_by_coord(offset)
-        if info.byte_offset is None:
-            return None
-        return self._tiled_fd, info.byte_offset, info.size
+        if self._tiles is None:
+            # Where every tile is, read once (one walk of the chunk index, instead of one
+            # lookup per tile per read: a step of a long trace touches dozens of tiles). A
+            # reader that follows a recording gets new arrays after each refresh.
+            rows, keys = self._chunks[0], self._chunks[-1]
+            tiles: dict[tuple[int, int], tuple[int, int]] = {}
+
+            def add(info: Any) -> None:
+                if info.byte_offset is not None:
+                    tiles[(info.chunk_offset[0] // rows, info.chunk_offset[-1] // keys)] = (
+                        info.byte_offset, info.size)
+
+            self._ds.id.chunk_iter(add)
+            self._tiles = tiles
+        where = self._tiles.get((ci, kj))
+        return None if where is None else (self._tiled_fd, *where)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         tiled = tiled_key(key, self.shape) if self._tiled_fd is not None else None

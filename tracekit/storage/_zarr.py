@@ -293,8 +293,14 @@ class ZarrArray(StoredArray):
         return self._zarr
 
     def _locate(self, ci: int, last: int = 0):
+        sep = _separator(self._meta)
+        # The chunk's key as a string (pathlib costs more than the read of a small tile).
+        middle = sep.join(["0"] * (len(self.dims) - 2))
+        path = (f"{self._folder}/c{sep}{ci}{sep}{middle}{sep}{last}" if middle else
+                f"{self._folder}/c{sep}{ci}{sep}{last}" if len(self.dims) > 1 else
+                f"{self._folder}/c{sep}{ci}")
         try:
-            fd = os.open(self._chunk_path(ci, last), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         self._open_fds.append(fd)
