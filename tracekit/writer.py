@@ -194,6 +194,11 @@ class TraceWriter:
         return self._next_position
 
     @property
+    def steps_written(self) -> int:
+        """Steps handed to the writer so far (committed or still queued)."""
+        return self._next_step
+
+    @property
     def bytes_written(self) -> int:
         """Bytes on disk of the trace: while recording, what its committed positions take
         (:meth:`TracePlan.estimated_bytes`); once closed, the files' measured size."""

@@ -394,9 +394,12 @@ class Recording:
             for count, arrays in capture.collect_groups([(b[0], b[1]) for b in fresh]):
                 group, at = fresh[at:at + count], at + count
                 group_ids = [i for b in group for i in b[2]]
-                writer.write_steps(group_ids, token_bytes(tokenizer, group_ids), arrays,
-                                   step_positions=[len(b[2]) for b in group],
-                                   step_times=[b[3] for b in group])
+                try:
+                    writer.write_steps(group_ids, token_bytes(tokenizer, group_ids), arrays,
+                                       step_positions=[len(b[2]) for b in group],
+                                       step_times=[b[3] for b in group])
+                except TraceFullError:  # the cap moved (HDF5 measured its file): it took
+                    break  # the steps that fit, and the trace closes "truncated"
             batch.clear()
 
         step_bytes = 0
@@ -436,6 +439,8 @@ class Recording:
                     computed = step + 1
                     if len(batch) >= _BATCH_STEPS or len(batch) * step_bytes >= _BATCH_BYTES:
                         hand_over()
+                        if writer.truncated:
+                            break
                     position += n
                     if on_step is not None:
                         on_step(StepInfo(step, position, self.plan.max_positions,
@@ -454,6 +459,9 @@ class Recording:
                     with contextlib.suppress(Exception):
                         hand_over()
                 raise
+        if writer.truncated:  # steps computed past the cap were not recorded
+            del ids[writer.positions_written:]
+            computed = min(computed, writer.steps_written)
         return ids, computed
 
 
