@@ -44,6 +44,9 @@ from . import (
     tiled_key,
 )
 
+#: New chunk files at least this large get their blocks allocated at once (see ``allocate``).
+_ALLOCATE_FROM = 1 << 20
+
 ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sharding_indexed"}
 )
@@ -439,7 +442,9 @@ class ZarrArray(StoredArray):
                 # A new chunk gets its full length (zeros, the fill value) before any row is
                 # written, so it is never short; its blocks allocated at once where the file
                 # system can (steadily fast writes, see ``allocate``).
-                if not allocate(fd, 0, chunk_bytes):
+                # Small chunks (attention tiles) skip the allocation call: it took about as
+                # long again as creating the file (72 vs 39 us per 4 KB tile, measured).
+                if chunk_bytes < _ALLOCATE_FROM or not allocate(fd, 0, chunk_bytes):
                     os.ftruncate(fd, chunk_bytes)
             elif size != chunk_bytes:
                 raise CorruptTraceError(f"array {self.name!r}: chunk {ci} has {size} bytes, "
