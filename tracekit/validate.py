@@ -116,9 +116,11 @@ def _check_tables(trace: Trace) -> list[str]:
 
 
 def _stored_tile(plan: TracePlan, dims: tuple[str, ...], chunks: tuple[int, ...], rows: int):
-    """For a key-indexed array of a causal trace, which tiles must be stored: those on or below
-    the diagonal (a tile row's last query attends to keys up to itself); None: every chunk."""
-    if "key" not in dims or plan.model.kind != "causal":
+    """For a key-indexed array, which tiles must be stored: those on or below the diagonal (a
+    tile row's last query has keys up to itself at least); None: every chunk. Tiles above it
+    hold zeros in a causal trace and are not written; an encoder's one step writes them all,
+    but a trace written in several steps of an encoder's rows may lack them too."""
+    if "key" not in dims:
         return None
     tile_rows, tile_keys = chunks[0], chunks[-1]
 
