@@ -207,6 +207,6 @@ def test_demo_recording_of_500_positions_meets_its_targets(tmp_path: Path, suffi
     assert attention_bytes(path) <= 1.1 * triangle_bytes(n, rec.plan)
     assert rec.plan.estimated_bytes(fmt) == pytest.approx(disk_bytes(path), rel=0.05)
     assert result.bytes_written == disk_bytes(path)
-    cap = 7_000_000
+    cap = 6_000_000
     capped = rec.run(tmp_path / f"c{suffix}", format=fmt, max_bytes=cap)
     assert capped.status == "truncated" and disk_bytes(tmp_path / f"c{suffix}") <= cap
