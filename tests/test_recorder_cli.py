@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -13,9 +14,11 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import tracekit  # noqa: E402
+from tracekit._cliutil import human_bytes  # noqa: E402
 from tracekit.cli import main  # noqa: E402
 from tracekit.record_cli import parse_capture, parse_layers, parse_size  # noqa: E402
 from tracekit.recorder.testing import save_tiny_model  # noqa: E402
+from tracekit.validate import validate  # noqa: E402
 
 PROMPT = "def fib(n):"
 
@@ -96,14 +99,52 @@ def test_options_reach_the_trace(model_dir: Path, tmp_path: Path) -> None:
         assert t.metadata["run"]["generation"]["stop_at_eos"] is False
 
 
-def test_max_size_refuses_to_start(model_dir: Path, tmp_path: Path) -> None:
+def test_max_size_refuses_to_start_when_the_prompt_alone_would_pass_it(
+        model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "t.zarr"
     result = run("record", model_dir, "-p", PROMPT, "-o", out, "--max-size", "10KB")
     assert result.exit_code == 1
-    assert re.fullmatch(r"Error: the estimated trace size [0-9.]+ KB exceeds --max-size 10.0 KB;"
-                        r" capture less \(--capture, --layers, --store-dtype, --max-new-tokens\) "
+    assert re.fullmatch(r"Error: the [0-9]+-token prompt alone takes [0-9.]+ KB, more than "
+                        r"--max-size 10.0 KB; capture less \(--capture, --layers, --store-dtype\) "
                         r"or raise --max-size\n", result.stderr)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_max_size_stops_at_the_cap_with_a_valid_truncated_trace(
+        model_dir: Path, tmp_path: Path, suffix: str) -> None:
+    from tracekit.sizecap import disk_bytes
+
+    full = tmp_path / f"full{suffix}"
+    assert run("record", model_dir, "-p", PROMPT, "-o", full, "-n", "40",
+               "--ignore-eos").exit_code == 0
+    with tracekit.open(full) as t:
+        prompt, positions = t.prompt_length, t.n_positions
+        plan, steps = t.plan, t.n_steps
+    fmt = "hdf5" if suffix == ".h5" else "zarr"
+    # A cap the trace passes 20 positions in.
+    cap = plan.estimated_bytes(fmt, prompt + 20, prompt + 20)
+    out = tmp_path / f"capped{suffix}"
+    result = run("record", model_dir, "-p", PROMPT, "-o", out, "-n", "40", "--ignore-eos",
+                 "--max-size", str(cap))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    cap_line = next(line for line in lines if line.startswith("Size cap"))
+    fits = int(re.fullmatch(rf"Size cap  [0-9.]+ KB: recording stops after at most ([0-9]+) of "
+                            rf"{positions} positions \(status truncated\)", cap_line)[1])
+    assert prompt < fits < positions
+    with tracekit.open(out) as t, tracekit.open(full) as whole:
+        kept = t.n_positions
+        assert t.status == "truncated" and prompt < kept <= fits
+        # Every committed step intact: the same tokens and activations as the full run.
+        assert np.array_equal(t["token_id"][:], whole["token_id"][:kept])
+        assert np.array_equal(t["attention"][:], whole["attention"][:kept, ..., :kept])
+    size = disk_bytes(out)
+    assert size <= cap
+    assert re.fullmatch(rf"Trace     {re.escape(str(out))} \(truncated: {kept} positions, "
+                        rf"{re.escape(human_bytes(size))} written, [0-9.]+ tokens/s\)", lines[-1])
+    assert validate(out) == []
+    assert steps == positions - prompt + 1
 
 
 def test_existing_output_needs_force(model_dir: Path, tmp_path: Path) -> None:

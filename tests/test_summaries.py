@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tracekit.writer import attention_top_k, row_min_max
+from tracekit.summaries import attention_top_k, row_min_max
 
 
 @pytest.mark.parametrize("dtype,name", [(np.float16, "float16"),

@@ -60,6 +60,11 @@ class WriterError(TraceError):
     """Recording failed (bad step data, disk full, permission); committed data stays readable."""
 
 
+class TraceFullError(WriterError):
+    """A step would take the trace past its size cap: the trace keeps every step before it and
+    closes with status ``truncated``."""
+
+
 class TraceExistsError(TraceError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
 

@@ -23,7 +23,9 @@ FORMAT_VERSION = (1, 1)
 FORMAT_VERSION_STR = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
 ROOT_KEY = "tracekit"  # root attribute that holds the metadata object
 
-STATUSES = ("recording", "complete", "aborted")
+#: ``truncated``: recording stopped before its planned end because the next step would have
+#: taken the trace past its size cap (``--max-size``); every committed step is intact.
+STATUSES = ("recording", "complete", "aborted", "truncated")
 
 #: Capture groups a recording can select, in the order they are documented.
 CAPTURE_GROUPS = (
@@ -65,11 +67,34 @@ DEFAULT_TOP_K = 10
 DEFAULT_ATTENTION_TOP_K = 8
 DEFAULT_TOKEN_BYTES = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
-KEY_CHUNK = 256
 STEP_CHUNK = 4096
 #: Bytes each stored chunk carries beyond its data from format 1.1 on: zarr's ``crc32c`` codec
 #: and HDF5's Fletcher-32 filter both append a 4-byte checksum.
 CHUNK_CHECKSUM_BYTES = 4
+#: Attention (every array with a ``key`` axis) is stored in tiles of positions x keys, about
+#: a 40th of the planned length on a side, so that a causal trace stores only the tiles on or
+#: below the diagonal: about ``1 + 2 / ATTENTION_TILES`` times the triangle it holds (1.06 at
+#: 500 positions with the edges), in about 800 tiles (zarr: files) whatever the length. Tiles
+#: are at least ``MIN_ATTENTION_TILE`` on a side and at most ``chunk_bytes`` large.
+ATTENTION_TILES = 40
+MIN_ATTENTION_TILE = 8
+#: Values per chunk of the coordinate arrays.
+COORD_CHUNK = 1 << 16
+#: The HDF5 backend's file space page (storage/_hdf5.py): chunks of a page or more take whole
+#: pages, so attention tiles are shaped to fill theirs (see attention_tile).
+HDF5_PAGE_BYTES = 4096
+# Metadata bytes of a finished trace beyond its chunks: least-squares fits to demo-model
+# recordings of 1 to 505 positions and 18 to 36 arrays (tests/test_attention_tiles.py checks
+# the estimate against real recordings). zarr: the group's document, then each array's
+# zarr.json and its consolidated copy. HDF5: each array's object header, dimension scale links
+# and their pages, and each chunk's index entry; an HDF5 file also grows with its commits (each
+# flush leaves some metadata space behind: 110 to 370 bytes per chunk were fitted, from fast
+# to slow recordings, whence 200), so its estimate is good to about 5%.
+ZARR_BASE_BYTES = 544
+ZARR_ARRAY_BYTES = 965
+HDF5_BASE_BYTES = -24812  # negative: the per-array figure is a slope over 18-36 arrays
+HDF5_ARRAY_BYTES = 3730
+HDF5_CHUNK_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -383,31 +408,73 @@ class TracePlan:
         return tuple(sizes[d] for d in spec.dims)
 
     def _row_bytes(self, spec: ArraySpec) -> int:
-        """Bytes of one position of one chunk of ``spec`` (the key axis counts one key chunk)."""
+        """Bytes of one position of one chunk of ``spec`` (the key axis counts one tile)."""
         sizes = self.dim_sizes()
         n = 1
         for d in spec.dims[1:]:
-            n *= min(sizes[d], KEY_CHUNK) if d == "key" else sizes[d]
+            n *= self.attention_tile[1] if d == "key" else sizes[d]
         return n * storage_dtype(self.logical_dtype(spec)).itemsize
+
+    @functools.cached_property
+    def attention_tile(self) -> tuple[int, int]:
+        """(positions, keys) of one tile of the key-indexed arrays (attention).
+
+        Square, ``max_positions / ATTENTION_TILES`` on a side (at least
+        ``MIN_ATTENTION_TILE`` and about a page, at most the length); halved along positions,
+        then keys, while a tile would exceed ``chunk_bytes`` (models with many layers x heads);
+        then reshaped by a few rows or keys to fill its HDF5 pages (:func:`_fill_pages`)."""
+        P = self.max_positions
+        cell = len(self.layers) * self.model.n_heads * storage_dtype(self.stored_dtype).itemsize
+        # Not below about a page either: a zarr tile is a file, and takes a block.
+        fill = math.isqrt(max(1, (HDF5_PAGE_BYTES - CHUNK_CHECKSUM_BYTES) // cell))
+        side = max(MIN_ATTENTION_TILE, fill, P // ATTENTION_TILES)
+        rows, keys = min(side, P), min(side, P)
+        while rows * keys * cell > self.chunk_bytes and max(rows, keys) > 1:
+            if rows >= keys:
+                rows = max(1, rows // 2)
+            else:
+                keys = max(1, keys // 2)
+        return _fill_pages(rows, keys, cell, P)
 
     @property
     def chunk_positions(self) -> int:
         """Commit block: positions per chunk of the largest per-position array.
 
         Large arrays are chunked by exactly this many positions, so a commit at a block boundary
-        writes whole chunks (no read-modify-write)."""
+        writes whole chunks (no read-modify-write). Attention's tiles are written in place as
+        rows arrive, so they do not set it."""
         if self._chunk_positions is not None:
             return self._chunk_positions
-        biggest = max(
-            self._row_bytes(s) for s in self.array_specs() if s.dims[0] == "position"
-        )
+        return self._auto_chunk_positions
+
+    @functools.cached_property
+    def _auto_chunk_positions(self) -> int:
+        biggest = max((self._row_bytes(s) for s in self.array_specs()
+                       if s.dims[0] == "position" and "key" not in s.dims), default=1)
         return max(1, min(self.max_positions, self.chunk_bytes // max(1, biggest)))
 
+    @functools.cached_property
+    def _stored_layout(self) -> tuple[list[tuple[ArraySpec, tuple[int, ...], int]],
+                                      list[tuple[str, int, int]]]:
+        """What :meth:`data_bytes` counts, computed once: each array's spec, chunk shape and
+        item size; each coordinate's dimension, length and chunk length."""
+        arrays = [(spec, self.chunks(spec), storage_dtype(self.logical_dtype(spec)).itemsize)
+                  for spec in self.array_specs()]
+        sizes = self.dim_sizes()
+        coords = [(dim, sizes[dim], max(1, min(sizes[dim], COORD_CHUNK)))
+                  for dim in self.used_dims()]
+        return arrays, coords
+
     def chunks(self, spec: ArraySpec) -> tuple[int, ...]:
-        """Chunk shape: whole rows, ``chunk_positions`` (or a small multiple for small arrays)."""
+        """Chunk shape: whole rows, ``chunk_positions`` (or a small multiple for small arrays);
+        key-indexed arrays: :attr:`attention_tile` positions x keys, whole along the rest."""
         sizes = self.dim_sizes()
         block = self.chunk_positions
         first = spec.dims[0]
+        if "key" in spec.dims:
+            rows, keys = self.attention_tile
+            return tuple(rows if d == "position" else keys if d == "key" else max(1, sizes[d])
+                         for d in spec.dims)
         if first == "position":
             fit = self.chunk_bytes // max(1, self._row_bytes(spec))
             lead = max(block, min(64 * block, (fit // block) * block))
@@ -416,11 +483,7 @@ class TracePlan:
             lead = min(STEP_CHUNK, self.max_positions)
         else:
             lead = max(1, sizes[first])
-        rest = tuple(
-            max(1, min(sizes[d], KEY_CHUNK)) if d == "key" else max(1, sizes[d])
-            for d in spec.dims[1:]
-        )
-        return (lead, *rest)
+        return (lead, *(max(1, sizes[d]) for d in spec.dims[1:]))
 
     def compression_for(self, spec: ArraySpec) -> str | None:
         """The plan's compression; the vocabulary is always packed (see :data:`PACKED`)."""
@@ -433,20 +496,74 @@ class TracePlan:
                     for s in self.array_specs())
         return total + 8 * sum(self.dim_sizes()[d] for d in self.used_dims())
 
-    def estimated_bytes(self) -> int:
-        """Upper estimate of the trace size on disk, uncompressed (causal attention: triangle)."""
-        total = 0
-        P = self.max_positions
-        for spec in self.array_specs():
-            item = storage_dtype(self.logical_dtype(spec)).itemsize
-            shape = self.shape(spec)
-            if spec.name == "attention":
-                per_query = math.prod(shape[1:3])
-                keys = P * (P + 1) // 2 if self.model.kind == "causal" else P * P
-                total += per_query * keys * item
-            else:
-                total += math.prod(shape) * item
-        return total
+    def stored_chunks(self, spec: ArraySpec, positions: int, steps: int) -> int:
+        """Chunks of ``spec`` a trace of ``positions`` positions in ``steps`` steps stores.
+
+        Every chunk along positions (or steps) that holds a committed row, whole along the
+        other axes; attention of a causal model only the tiles on or below the diagonal."""
+        chunks = self._chunks_of(spec)
+        first = spec.dims[0]
+        rows = positions if first == "position" else steps if first == "step" else None
+        if rows is None:
+            return 1
+        if "key" not in spec.dims:
+            return math.ceil(rows / chunks[0])
+        tile_rows, tile_keys = self.attention_tile
+        row_tiles = math.ceil(rows / tile_rows)
+        if self.model.kind != "causal":
+            return row_tiles * math.ceil(rows / tile_keys)
+        return sum(math.ceil(min(rows, (i + 1) * tile_rows) / tile_keys)
+                   for i in range(row_tiles))
+
+    def data_bytes(self, positions: int | None = None, steps: int | None = None,
+                   format: str = "zarr") -> int:
+        """Bytes of the chunks (data and coordinate arrays, each chunk with its checksum) of a
+        trace holding ``positions`` (default: all planned) in ``steps`` steps (default: one
+        per position, the most a recording can take). Stored chunks are whole even at the
+        array's edge, as zarr and HDF5 store them; uncompressed (compression only shrinks).
+        HDF5 gives a chunk of a page or more whole pages (its paged file space)."""
+        n = self.max_positions if positions is None else positions
+        s = n if steps is None else steps
+        page = HDF5_PAGE_BYTES if format == "hdf5" else 1
+
+        def stored(nbytes: int) -> float:
+            nbytes += CHUNK_CHECKSUM_BYTES
+            if nbytes >= page:
+                return -(-nbytes // page) * page
+            return page / (page // nbytes)  # small chunks share pages, as many as fit
+
+        total = 0.0
+        arrays, coords = self._stored_layout
+        for spec, chunks, item in arrays:
+            total += self.stored_chunks(spec, n, s) * stored(math.prod(chunks) * item)
+        for dim, length, chunk in coords:
+            kept = math.ceil((n if dim in GROWING_DIMS else length) / chunk)
+            total += kept * stored(chunk * 8)
+        return math.ceil(total)
+
+    def _chunks_of(self, spec: ArraySpec) -> tuple[int, ...]:
+        for known, chunks, _ in self._stored_layout[0]:
+            if known is spec:
+                return chunks
+        return self.chunks(spec)
+
+    def estimated_bytes(self, format: str = "zarr", positions: int | None = None,
+                        steps: int | None = None) -> int:
+        """Bytes on disk (the sum of the files' sizes) of the finished trace in ``format``
+        holding ``positions`` (default: all planned) in ``steps`` steps: :meth:`data_bytes`
+        plus the layout's metadata (zarr: one zarr.json per array and its copy in the group's;
+        HDF5: object headers, chunk indexes, pages). Within a few percent of the real size at
+        any length (tests check it); an upper bound with compression."""
+        n = self.max_positions if positions is None else positions
+        s = n if steps is None else steps
+        specs, coords = self._stored_layout
+        arrays = len(specs) + len(coords)
+        data = self.data_bytes(n, s, format)
+        if format == "hdf5":
+            chunks = sum(self.stored_chunks(spec, n, s) for spec, _, _ in specs)
+            total = data + HDF5_BASE_BYTES + arrays * HDF5_ARRAY_BYTES + chunks * HDF5_CHUNK_BYTES
+            return -(-total // HDF5_PAGE_BYTES) * HDF5_PAGE_BYTES
+        return data + ZARR_BASE_BYTES + arrays * ZARR_ARRAY_BYTES
 
     # -- metadata ---------------------------------------------------------------------------
     def capture_json(self) -> dict[str, Any]:
@@ -489,6 +606,25 @@ class TracePlan:
                 f"metadata points {cap.get('points')} do not match layers {list(plan.layers)}"
             )
         return plan
+
+
+def _fill_pages(rows: int, keys: int, cell: int, limit: int) -> tuple[int, int]:
+    """A tile near ``rows`` x ``keys`` (no larger in rows + keys) whose bytes plus the chunk
+    checksum fill whole HDF5 pages: a power-of-two tile of 16 x 16 x 32 bytes is exactly two
+    pages, and its checksum would make it take three (HDF5 gives a chunk whole pages)."""
+    def waste(r: int, k: int) -> float:
+        nbytes = r * k * cell + CHUNK_CHECKSUM_BYTES
+        if nbytes < HDF5_PAGE_BYTES:
+            return 0.0
+        return (-nbytes % HDF5_PAGE_BYTES) / (r * k * cell)
+
+    if waste(rows, keys) < 0.02:
+        return rows, keys
+    shapes = [(r, k) for r in range(max(1, rows - 4), rows + 1)
+              for k in range(max(1, keys - 4), min(limit, keys + 4) + 1) if r + k <= rows + keys]
+    # The largest tile that wastes under 2% of itself, else the least wasteful.
+    return min(shapes, key=lambda t: (waste(*t) >= 0.02, -t[0] * t[1] if waste(*t) < 0.02
+                                      else waste(*t)))
 
 
 def parse_version(text: Any) -> tuple[int, int]:

@@ -279,11 +279,12 @@ class Trace:
             raise CorruptTraceError(
                 f"commit counter [{positions}, {steps}] impossible for max_positions {P}")
         length = self.metadata.get("length")
-        if self.metadata.get("status") == "complete" and isinstance(length, dict) and (
+        if self.metadata.get("status") in ("complete", "truncated") and isinstance(
+                length, dict) and (
             length.get("positions") != positions or length.get("steps") != steps
         ):
             raise CorruptTraceError(
-                f"complete trace says {length} but its commit counter says "
+                f"{self.metadata.get('status')} trace says {length} but its commit counter says "
                 f"positions={positions}, steps={steps}")
         self.n_positions, self.n_steps = positions, steps
         self._arrays.clear()

@@ -163,7 +163,8 @@ def _free_bytes(out: Path) -> int | None:
                    f"CPU when it would cost over {LENS_CPU_BUDGET:.0e} multiply-adds per token.")
 @click.option("--layers", "layers_text", help="Blocks to record: 0,3,5 or 2:6 [default: all].")
 @click.option("--max-size", "max_size_text",
-              help="Refuse to start when the estimated trace size is larger (e.g. 2GB).")
+              help="Cap the trace's size on disk (e.g. 2GB): stop before a step would pass it "
+                   "(status truncated); refuse to start if the prompt alone would.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow the model's own Python code to run (off by default).")
@@ -217,19 +218,28 @@ def record(model: str | None, prompt: str | None, prompt_file: Path | None, out:
                     name=model_name_for(model), structure=structure)
     rec.skipped.update(skipped)
     _print_plan(rec, fmt)
-    estimate = rec.estimated_bytes
+    plan = rec.plan
+    estimate = plan.estimated_bytes(fmt)
     if max_size is not None and estimate > max_size:
-        raise click.ClickException(
-            f"the estimated trace size {human_bytes(estimate)} exceeds --max-size "
-            f"{human_bytes(max_size)}; capture less (--capture, --layers, --store-dtype, "
-            f"--max-new-tokens) or raise --max-size")
+        from .sizecap import positions_within
+
+        fits, prompt = positions_within(plan, fmt, max_size), len(rec.prompt_ids)
+        if fits < prompt:
+            raise click.ClickException(
+                f"the {prompt}-token prompt alone takes "
+                f"{human_bytes(plan.estimated_bytes(fmt, prompt, 1))}, more than --max-size "
+                f"{human_bytes(max_size)}; capture less (--capture, --layers, --store-dtype) "
+                f"or raise --max-size")
+        click.echo(f"Size cap  {human_bytes(max_size)}: recording stops after at most {fits} "
+                   f"of {plan.max_positions} positions (status truncated)")
     free = _free_bytes(out)
     if free is not None and estimate > free:
         click.echo(f"Warning   only {human_bytes(free)} free where {out} goes", err=True)
 
     try:
         with _progress(rec.plan.max_positions) as update:
-            result = rec.run(out, format=fmt, overwrite=force, on_step=update)
+            result = rec.run(out, format=fmt, overwrite=force, on_step=update,
+                             max_bytes=max_size)
     except KeyboardInterrupt:
         click.echo(interrupted_message(out), err=True)
         raise SystemExit(130) from None
@@ -291,7 +301,7 @@ def _print_plan(rec: Any, fmt: str) -> None:
                                               for why, g in reasons.items()))
     for note in s.notes:
         lines.append(f"Note      {note}")
-    lines.append(f"Estimate  {human_bytes(rec.estimated_bytes)} for at most "
+    lines.append(f"Estimate  {human_bytes(plan.estimated_bytes(fmt))} for at most "
                  f"{plan.max_positions} positions ({fmt})")
     click.echo("\n".join(lines))
 

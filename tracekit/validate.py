@@ -192,6 +192,22 @@ def _check_tables(trace: Trace) -> list[str]:
     return problems
 
 
+def _stored_tile(plan: TracePlan, dims: tuple[str, ...], chunks: tuple[int, ...], rows: int):
+    """For a key-indexed array, which tiles must be stored: those on or below the diagonal (a
+    tile row's last query has keys up to itself at least); None: every chunk. Tiles above it
+    hold zeros in a causal trace and are not written; an encoder's one step writes them all,
+    but a trace written in several steps of an encoder's rows may lack them too."""
+    if "key" not in dims:
+        return None
+    tile_rows, tile_keys = chunks[0], chunks[-1]
+
+    def expected(index: tuple[int, ...]) -> bool:
+        last_query = min(rows, (index[0] + 1) * tile_rows) - 1
+        return index[-1] * tile_keys <= last_query
+
+    return expected
+
+
 def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[str]:
     problems = []
     names = [n for n in trace.array_names() if n != "commit"]
@@ -200,12 +216,12 @@ def _check_chunks(trace: Trace, quick: bool, progress: Progress | None) -> list[
     for name in names:
         arr = trace[name]
         rows = trace.n_steps if arr.dims[0] == "step" else trace.n_positions
-        if name != "attention":  # attention skips all-zero key chunks by design
-            missing = arr._stored.missing_chunks(rows)
-            if missing:
-                problems.append(f"array {name!r}: {len(missing)} committed chunk(s) missing, "
-                                f"first {missing[0]}")
-                continue
+        expected = _stored_tile(trace.plan, arr.dims, arr.chunks, rows)
+        missing = arr._stored.missing_chunks(rows, expected)
+        if missing:
+            problems.append(f"array {name!r}: {len(missing)} committed chunk(s) missing, "
+                            f"first {missing[0]}")
+            continue
         if quick:
             continue
         block = max(1, arr.chunks[0])

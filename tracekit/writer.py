@@ -39,8 +39,9 @@ import numpy as np
 
 from . import __version__
 from ._failure import MAX_REASON_CHARS, failure_message, finish_after_failure
-from .errors import TraceError, WriterError
+from .errors import TraceError, TraceFullError, WriterError
 from .format import (
+    COORD_CHUNK,
     FORMAT_VERSION_STR,
     GROWING_DIMS,
     PACKED,
@@ -51,17 +52,15 @@ from .format import (
     TracePlan,
     storage_dtype,
 )
+from .sizecap import SizeCap, disk_bytes
 from .storage import Backend, StoredArray, create_backend, format_from_suffix, io_cause
+from .summaries import _NORMS, _RANGES, _as_float32, _summaries, attention_top_k
 from .vocab import plan_with_vocab
 
 _STOP = object()
 _FLUSH = object()
 _COMMIT = object()  # commit the steps handed over before it
 
-#: Summary arrays derived from each input array.
-_NORMS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
-_RANGES = {"residual": "residual_range", "attn_out": "attn_out_range",
-           "mlp_out": "mlp_out_range", "neurons": "neurons_range"}
 #: Steps at least this big (bytes per array) are written block by block, never joined.
 _BIG_STEP = 256 << 10
 #: Commits of an array at least this big compute its summaries while its data is written.
@@ -70,34 +69,6 @@ _OVERLAP_BYTES = 1 << 20
 
 def _utcnow() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _as_float32(x: np.ndarray) -> np.ndarray:
-    if x.dtype == np.uint16:  # bfloat16 bits
-        x = x.view(ml_dtypes.bfloat16)
-    return x.astype(np.float32, copy=False)
-
-
-def _summaries(name: str, steps: list[_Step], blocks: list[np.ndarray],
-               logical: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Norms (given by the producer, or computed) and value ranges of one array's rows."""
-    norms = rng = None
-    if name in _NORMS:
-        norm_name = _NORMS[name]
-        if all(norm_name in s.arrays for s in steps):
-            norms = np.asarray(np.concatenate([s.arrays[norm_name] for s in steps]),
-                               dtype=np.float32)
-        else:
-            norms = np.concatenate([_norms(b) for b in blocks])
-    if name in _RANGES:
-        rng = np.concatenate([row_min_max(b, logical) for b in blocks])
-    return norms, rng
-
-
-def _norms(stored: np.ndarray) -> np.ndarray:
-    """L2 norm over the last axis, accumulated in float32."""
-    values = _as_float32(stored)
-    return np.sqrt(np.einsum("...i,...i->...", values, values))
 
 
 def _to_stored(x: np.ndarray, logical: str) -> np.ndarray:
@@ -135,7 +106,8 @@ class TraceWriter:
                  prompt_length: int = 0, tags: Mapping[str, Any] | None = None,
                  environment: Mapping[str, Any] | None = None, queue_size: int = 32,
                  commit_interval: float = 1.0, commit_bytes: int = 16 << 20,
-                 vocab: Iterable[bytes | str] | None = None) -> None:
+                 vocab: Iterable[bytes | str] | None = None,
+                 max_bytes: int | None = None) -> None:
         try:
             plan, packed = plan_with_vocab(plan, vocab)
         except BaseException:
@@ -144,6 +116,13 @@ class TraceWriter:
                 discard()
             raise
         self.plan = plan
+        self._format = backend.format_name
+        # The size cap: a step that would take the finished trace past ``max_bytes`` on disk
+        # (as plan.estimated_bytes counts it) is refused and the trace closes "truncated".
+        self.max_bytes = max_bytes
+        self._cap: SizeCap | None = None
+        self._truncated = False
+        self._disk_cache: tuple[tuple[int, int], int] | None = None
         self._commit_bytes = commit_bytes
         self._backend = backend
         self._commit_interval = commit_interval
@@ -172,7 +151,10 @@ class TraceWriter:
         self._inputs = [s for s in STEP_INPUT_ARRAYS if SPECS_BY_NAME[s] in self._specs]
         try:
             create_layout(backend, plan, packed)
-            backend.write_root_meta(self._meta, capacity=self._final_meta_bound())
+            meta_bytes = self._final_meta_bound()
+            backend.write_root_meta(self._meta, capacity=meta_bytes)
+            if max_bytes is not None:
+                self._cap = SizeCap(plan, self._format, max_bytes, meta_bytes)
             backend.begin_streaming()
         except BaseException as exc:
             discard = getattr(backend, "discard", None)
@@ -203,6 +185,7 @@ class TraceWriter:
         self._committed = (0, 0)
         self._durable = (0, 0)  # steps whose data is written and flushed (the counter may lag)
         self._bytes_written = 0
+        self._final_bytes: int | None = None
         self._ranges: dict[str, list[float]] = {}
         self._error: BaseException | None = None
         # Steps handed over and not yet taken by the writer thread. The thread is woken only
@@ -238,9 +221,36 @@ class TraceWriter:
         return self._next_position
 
     @property
+    def steps_written(self) -> int:
+        """Steps handed to the writer so far (committed or still queued)."""
+        return self._next_step
+
+    @property
     def bytes_written(self) -> int:
-        """Uncompressed bytes of array data written (committed) so far."""
-        return self._bytes_written
+        """Bytes on disk of the trace: while recording, what its committed positions take
+        (:meth:`TracePlan.estimated_bytes`); once closed, the files' measured size."""
+        if self._final_bytes is not None:
+            return self._final_bytes
+        committed = self._committed
+        if self._disk_cache is None or self._disk_cache[0] != committed:
+            self._disk_cache = (committed, self.plan.estimated_bytes(self._format, *committed))
+        return self._disk_cache[1]
+
+    @property
+    def position_limit(self) -> int:
+        """The most positions the trace may hold: ``max_positions``, or fewer under
+        ``max_bytes`` (see :class:`~tracekit.sizecap.SizeCap`)."""
+        return self.plan.max_positions if self._cap is None else self._cap.positions
+
+    @property
+    def truncated(self) -> bool:
+        """True once a step was refused for the size cap (the trace closes ``truncated``)."""
+        return self._truncated
+
+    def truncate(self) -> None:
+        """Stop here for the size cap: closing the trace then gives it status ``truncated``
+        (the recorder calls it before computing a step that would not fit)."""
+        self._truncated = True
 
     def write_step(self, token_ids: Sequence[int] | np.ndarray,
                    token_texts: Sequence[bytes | str], arrays: Mapping[str, np.ndarray],
@@ -279,6 +289,10 @@ class TraceWriter:
             times = tuple(float(t) for t in step_times)
             if len(times) != len(sizes):
                 raise WriterError(f"{len(times)} step times for {len(sizes)} steps")
+        if self._next_position + n > self.position_limit and (
+                self._next_position + n <= self.plan.max_positions):
+            self._refuse_past_cap(token_ids, token_texts, arrays, sizes, step_times)
+            return
         if self._next_position + n > self.plan.max_positions:
             raise WriterError(
                 f"step would end at position {self._next_position + n}, beyond the planned "
@@ -326,8 +340,9 @@ class TraceWriter:
     def close(self, status: str = "complete") -> None:
         """Commit what is queued, trim the arrays, write the final metadata and close.
 
-        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C). A trace without a step,
-        or without all of its ``prompt_length`` positions, is closed ``aborted`` whatever
+        ``status`` is ``complete`` or ``aborted`` (e.g. after Ctrl-C); ``complete`` becomes
+        ``truncated`` once a step was refused for the size cap. A trace without a step, or
+        without all of its ``prompt_length`` positions, is closed ``aborted`` whatever
         ``status`` says (spec section 3). If a write failed (disk full, I/O error), while
         recording or now, the trace is closed as ``aborted`` with every step whose data
         reached the disk and the cause as ``stop_reason``, and a WriterError naming the trace
@@ -336,6 +351,8 @@ class TraceWriter:
         if self._closed:
             return
         self._closed = True
+        if status == "complete" and self._truncated:
+            status = "truncated"
         self._put(_STOP, True, force=True)
         self._thread.join()
         if self._pool is not None:
@@ -357,6 +374,9 @@ class TraceWriter:
                 final = finish_after_failure(self, error)
         finally:
             self._backend.close()
+        if self._backend.path is not None and self._format != "memory":
+            # Measured once closed (HDF5's close cuts the space kept ahead of its flushes).
+            self._final_bytes = disk_bytes(self._backend.path)
         if error is not None:
             raise WriterError(failure_message(self, error, final)) from error
 
@@ -364,13 +384,33 @@ class TraceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None or isinstance(exc, TraceFullError):  # the cap: closes "truncated"
             self.close("complete")
         else:
             with contextlib.suppress(TraceError):
                 self.close("aborted")
 
     # -- internals --------------------------------------------------------------------------
+    def _refuse_past_cap(self, token_ids, token_texts, arrays, sizes, step_times) -> None:
+        """Queue the whole steps of a call that fit under the size cap, mark the trace
+        truncated and raise TraceFullError for the rest."""
+        ids = np.asarray(token_ids).reshape(-1)
+        room = self.position_limit - self._next_position
+        fit = 0
+        while fit < len(sizes) and sum(sizes[:fit + 1]) <= room:
+            fit += 1
+        kept = sum(sizes[:fit])
+        if fit:
+            self.write_steps(ids[:kept], list(token_texts[:kept]),
+                             {k: v[:kept] for k, v in arrays.items()},
+                             step_positions=sizes[:fit],
+                             step_times=None if step_times is None else step_times[:fit])
+        self._truncated = True
+        cap = self.max_bytes
+        raise TraceFullError(
+            f"stopped at {self._next_position} positions: the next step would take the trace "
+            f"past its size cap of {cap} bytes")
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise WriterError(failure_message(self, self._error)) from self._error
@@ -448,7 +488,6 @@ class TraceWriter:
 
     def _write(self, name: str, region: tuple, data: np.ndarray) -> None:
         self._arrays[name][region] = data
-        self._bytes_written += data.nbytes
 
     def _commit(self, steps: list[_Step]) -> None:
         plan = self.plan
@@ -489,7 +528,6 @@ class TraceWriter:
                        if size >= _OVERLAP_BYTES else None)
             # Big steps are written straight from the producer's buffers, without joining.
             self._arrays[name].write_rows(start, blocks)
-            self._bytes_written += size
             norms, rng = (pending.result() if pending is not None
                           else _summaries(name, steps, blocks, logical))
             if norms is not None:
@@ -514,6 +552,8 @@ class TraceWriter:
         self._arrays["commit"][(slice(0, 2),)] = np.array([end, s1], dtype=np.int64)
         self._backend.flush()
         self._committed = (end, s1)
+        if self._cap is not None:
+            self._cap.measured(end, self._backend.allocated_bytes())
 
     def _final_meta_bound(self) -> int:
         """Bytes the metadata can take once finalized: what :meth:`_finalize` adds, each
@@ -545,8 +585,7 @@ class TraceWriter:
                 a = s.arrays["attention"]
                 block[s.start - start: s.start - start + s.n, :, :, : a.shape[3]] = _to_stored(
                     a, logical)
-        self._arrays["attention"].write_rows(start, [block])
-        self._bytes_written += block.nbytes
+        self._write_attention_tiles(start, block)
         if all("attention_top_keys" in s.arrays for s in steps):
             top_k = np.concatenate([s.arrays["attention_top_keys"] for s in steps])
             top_w = np.concatenate([s.arrays["attention_top_weights"] for s in steps])
@@ -555,6 +594,22 @@ class TraceWriter:
         rows = (slice(start, end),)
         self._write("attention_top_keys", rows, np.asarray(top_k, dtype=np.int32))
         self._write("attention_top_weights", rows, np.asarray(top_w, dtype=np.float32))
+
+    def _write_attention_tiles(self, start: int, block: np.ndarray) -> None:
+        """Write attention rows ``start:start+len(block)`` tile row by tile row. A causal
+        model's query attends to no later key, so each tile row is written only up to its last
+        query's key: tiles wholly above the diagonal are never written (readers see the fill
+        value, 0), and the trace costs about the triangle it holds."""
+        arr = self._arrays["attention"]
+        tile = self.plan.attention_tile[0]
+        causal = self.plan.model.kind == "causal"
+        end = start + len(block)
+        lo = start
+        while lo < end:
+            hi = min(end, (lo // tile + 1) * tile)
+            keys = min(block.shape[-1], hi) if causal else block.shape[-1]
+            arr.write_rows(lo, [block[lo - start: hi - start, ..., :keys]])
+            lo = hi
 
     def _track(self, name: str, values: np.ndarray) -> None:
         lo, hi = float(np.min(values)), float(np.max(values))
@@ -598,7 +653,7 @@ def create_layout(backend: Backend, plan: TracePlan,
     vocab_dims = {d for s in plan.array_specs() if s.group == VOCAB_GROUP for d in s.dims}
     for dim in plan.used_dims():
         values = plan.coordinate_values(dim)
-        chunk = (max(1, min(len(values), 1 << 16)),)
+        chunk = (max(1, min(len(values), COORD_CHUNK)),)
         arr = backend.create_array(dim, values.shape, values.dtype, chunk, (dim,), {},
                                    PACKED if dim in vocab_dims else None, coordinate=True)
         if len(values):
@@ -631,53 +686,12 @@ def trim_to(arrays: Sequence[StoredArray], positions: int, steps: int) -> None:
             arr.resize(new)
 
 
-def row_min_max(stored: np.ndarray, logical: str) -> np.ndarray:
-    """[n, 2] min and max of each row of stored activations.
-
-    16-bit floats are reduced as integers (numpy vectorises integer min/max, not float16's):
-    as int16, the largest value is the largest float whenever the row has a non-negative
-    value; as uint16, the largest value is the most negative float whenever the row has a
-    negative one. Rows of a single sign (rare) take one more reduction."""
-    n = stored.shape[0]
-    if logical not in ("float16", "bfloat16"):
-        values = stored.reshape(n, -1)
-        return np.stack([values.min(axis=1), values.max(axis=1)], axis=1).astype(np.float32)
-    signed = stored.view(np.int16).reshape(n, -1)
-    unsigned = signed.view(np.uint16)
-    hi = signed.max(axis=1)
-    lo = unsigned.max(axis=1).view(np.int16)
-    all_negative = hi < 0  # then the max is the negative value nearest zero
-    if all_negative.any():
-        hi[all_negative] = unsigned[all_negative].min(axis=1).view(np.int16)
-    no_negative = lo >= 0  # then the min is the smallest non-negative value
-    if no_negative.any():
-        lo[no_negative] = signed[no_negative].min(axis=1)
-    ftype = np.float16 if logical == "float16" else ml_dtypes.bfloat16
-    return np.stack([lo, hi], axis=1).view(ftype).astype(np.float32)
-
-
-def attention_top_k(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` keys per row of ``weights[..., key]``, by weight, descending; -1 where the
-    weight is 0 (no key there)."""
-    keys = weights.shape[-1]
-    kk = min(k, keys)
-    idx = np.argpartition(-weights, kk - 1, axis=-1)[..., :kk]
-    w = np.take_along_axis(weights, idx, axis=-1)
-    order = np.argsort(-w, axis=-1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=-1)
-    w = np.take_along_axis(w, order, axis=-1)
-    out_i = np.full((*weights.shape[:-1], k), -1, dtype=np.int32)
-    out_w = np.zeros((*weights.shape[:-1], k), dtype=np.float32)
-    out_i[..., :kk] = np.where(w > 0, idx, -1)
-    out_w[..., :kk] = np.where(w > 0, w, 0)
-    return out_i, out_w
-
-
 def create(path: str | os.PathLike[str] | Backend, plan: TracePlan, *, format: str | None = None,
            overwrite: bool = False, **metadata: Any) -> TraceWriter:
     """Create a trace at ``path`` (zarr directory or HDF5 file, from ``format`` or the suffix)
     and return its writer. Keyword arguments (``run``, ``prompt_length``, ``tags``,
-    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``, ``vocab``) go to
+    ``environment``, ``queue_size``, ``commit_interval``, ``commit_bytes``, ``vocab``,
+    ``max_bytes``: a cap on the size on disk, see :attr:`TraceWriter.position_limit`) go to
     :class:`TraceWriter`."""
     if isinstance(path, Backend):
         return TraceWriter(path, plan, **metadata)

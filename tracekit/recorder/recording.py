@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from .. import create as create_trace
-from ..errors import WriterError
+from ..errors import TraceFullError, WriterError
 from ..format import CAPTURE_GROUPS, DEFAULT_ATTENTION_TOP_K, DEFAULT_TOP_K, ModelInfo, TracePlan
+from ..sizecap import positions_within
+from ..storage import format_from_suffix
 from .capture import Capture, StepTaps, eager_attention
 from .errors import RecorderError
 from .structure import ModelStructure, discover_structure, input_device
@@ -281,6 +283,8 @@ class Recording:
 
     @property
     def estimated_bytes(self) -> int:
+        """Size on disk of the trace at its planned length, as zarr (HDF5:
+        ``plan.estimated_bytes("hdf5")``)."""
         return self.plan.estimated_bytes()
 
     def run_metadata(self, attn_implementation: str | None) -> dict[str, Any]:
@@ -312,11 +316,25 @@ class Recording:
 
     def run(self, out: str | Path | Any, *, format: str | None = None, overwrite: bool = False,
             on_step: Callable[[StepInfo], None] | None = None,
-            tags: Mapping[str, Any] | None = None) -> RecordResult:
+            tags: Mapping[str, Any] | None = None,
+            max_bytes: int | None = None) -> RecordResult:
         """Record into ``out`` (a path or a storage backend) and return what was recorded.
+
+        ``max_bytes`` caps the trace's size on disk: generation stops before a step that would
+        pass it, and the trace closes with status ``truncated``; TraceFullError (nothing
+        written) when not even the prompt fits.
 
         On KeyboardInterrupt the trace is closed with status ``aborted`` (every computed step
         kept) and the interrupt propagates."""
+        if max_bytes is not None:
+            fmt = format or (getattr(out, "format_name", None) if not isinstance(
+                out, (str, Path)) else None) or format_from_suffix(out)
+            fits = positions_within(self.plan, fmt, max_bytes)
+            if fits < len(self.prompt_ids):
+                raise TraceFullError(
+                    f"the {len(self.prompt_ids)}-token prompt alone takes "
+                    f"{self.plan.estimated_bytes(fmt, len(self.prompt_ids), 1)} bytes, more "
+                    f"than the size cap of {max_bytes}")
         model = self.model
         was_training = model.training
         model.eval()
@@ -324,7 +342,8 @@ class Recording:
             writer = create_trace(
                 out, self.plan, format=format, overwrite=overwrite,
                 run=self.run_metadata(impl), prompt_length=len(self.prompt_ids),
-                tags=tags, environment=_environment(), vocab=self.vocab)
+                tags=tags, environment=_environment(), vocab=self.vocab,
+                max_bytes=max_bytes)
             started = time.perf_counter()
             ids: list[int] = []
             steps = 0
@@ -345,6 +364,8 @@ class Recording:
                 model.train(was_training)
                 if status == "complete":
                     writer.close("complete")
+                    if writer.truncated:
+                        status = "truncated"
         seconds = time.perf_counter() - started
         new = ids[len(self.prompt_ids):]
         text = self.tokenizer.decode(new) if self.tokenizer is not None and new else ""
@@ -384,16 +405,24 @@ class Recording:
             for count, arrays in capture.collect_groups([(b[0], b[1]) for b in fresh]):
                 group, at = fresh[at:at + count], at + count
                 group_ids = [i for b in group for i in b[2]]
-                writer.write_steps(group_ids, token_bytes(tokenizer, group_ids), arrays,
-                                   step_positions=[len(b[2]) for b in group],
-                                   step_times=[b[3] for b in group])
+                try:
+                    writer.write_steps(group_ids, token_bytes(tokenizer, group_ids), arrays,
+                                       step_positions=[len(b[2]) for b in group],
+                                       step_times=[b[3] for b in group])
+                except TraceFullError:  # the cap moved (HDF5 measured its file): it took
+                    break  # the steps that fit, and the trace closes "truncated"
             batch.clear()
 
         step_bytes = 0
+        computed = 0
         with torch.inference_mode(), capture:
             try:
                 for step in range(max_steps):
                     n = len(new_ids)
+                    if position + n > writer.position_limit:
+                        writer.truncate()  # the size cap: the trace closes "truncated"
+                        del ids[len(ids) - n:]  # sampled, never computed nor recorded
+                        break
                     capture.total_keys = position + n
                     inputs = torch.tensor([new_ids], dtype=torch.long, device=device)
                     if s.kind == "causal":
@@ -418,8 +447,11 @@ class Recording:
                     if not batch:
                         step_bytes = _captured_bytes(taps, logits)
                     batch.append((taps, logits, new_ids, time.time(), position))
+                    computed = step + 1
                     if len(batch) >= _BATCH_STEPS or len(batch) * step_bytes >= _BATCH_BYTES:
                         hand_over()
+                        if writer.truncated:
+                            break
                     position += n
                     if on_step is not None:
                         on_step(StepInfo(step, position, self.plan.max_positions,
@@ -438,7 +470,10 @@ class Recording:
                     with contextlib.suppress(Exception):
                         hand_over()
                 raise
-        return ids, step + 1
+        if writer.truncated:  # steps computed past the cap were not recorded
+            del ids[writer.positions_written:]
+            computed = min(computed, writer.steps_written)
+        return ids, computed
 
 
 def preallocated_cache(model: torch.nn.Module, cache: Any, max_len: int) -> Any:

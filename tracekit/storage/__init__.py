@@ -8,10 +8,11 @@ touches any data, so that a hostile file is refused rather than decoded.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,11 @@ class StoredArray(ABC):
             key += (slice(None),) * (data.ndim - 2) + (slice(0, data.shape[-1]),)
         self[key] = data
 
-    def missing_chunks(self, rows: int) -> list[str]:
-        """Chunks within the first ``rows`` of the leading axis that were never stored."""
+    def missing_chunks(self, rows: int,
+                       expected: Callable[[tuple[int, ...]], bool] | None = None) -> list[str]:
+        """Chunks within the first ``rows`` of the leading axis that were never stored, among
+        those ``expected(chunk_index)`` says must be (default: all; causal attention stores
+        only the tiles on or below the diagonal)."""
         return []
 
     #: The checksum each stored chunk carries: 'crc32c' (zarr), 'fletcher32' (HDF5) or None.
@@ -160,6 +164,11 @@ class Backend(ABC):
 
     def flush(self) -> None:
         """Make every write so far visible to readers (and durable across a crash)."""
+
+    def allocated_bytes(self) -> int | None:
+        """Bytes the container has allocated so far, where it can say without a scan (HDF5:
+        its end of allocated space; None elsewhere)."""
+        return None
 
     def close(self) -> None:
         self.release_reserve()
@@ -338,6 +347,73 @@ class SpaceReserve:
         if self._fd is not None:
             os.close(self._fd)
             self._fd, self.nbytes = None, 0
+
+
+def tiled_key(key: tuple, shape: tuple[int, ...]) -> tuple[int, int, int, int, tuple] | None:
+    """For a key of ints and step-1 slices on every axis, the rows and keys (first and last
+    axes) to read and the selection that finishes the result: None if not of that form."""
+    if len(key) != len(shape) or len(shape) < 2:
+        return None
+    bounds = []
+    for k, n in ((key[0], shape[0]), (key[-1], shape[-1])):
+        if isinstance(k, (int, np.integer)):
+            bounds.append((int(k), int(k) + 1))
+        elif isinstance(k, slice) and k.step in (None, 1):
+            start, stop, _ = k.indices(n)
+            bounds.append((start, max(start, stop)))
+        else:
+            return None
+    finish = (0 if isinstance(key[0], (int, np.integer)) else slice(None), *key[1:-1],
+              0 if isinstance(key[-1], (int, np.integer)) else slice(None))
+    return (*bounds[0], *bounds[1], finish)
+
+
+def read_tiles_direct(name: str, locate, rows: tuple[int, int], keys: tuple[int, int],
+                      tile: tuple[int, ...], dtype: np.dtype, verifier=None) -> np.ndarray:
+    """Read ``rows`` x every middle axis x ``keys`` of an uncompressed array chunked along its
+    first and last axes only (attention's position x key tiles): one ``preadv`` per tile of the
+    rows each tile holds of them, contiguous in the tile. A step (one row, every key) reads
+    one row of each key tile, not the whole tiles.
+
+    ``locate(row_chunk, key_chunk)`` returns ``(fd, byte_offset, stored_size)`` or None for a
+    tile never written (the fill value 0: above the diagonal of a causal trace).
+    ``verifier`` (a ``ChunkVerifier``): tiles stored with a checksum after their bytes are
+    read whole and checked the first time they are touched."""
+    from ..errors import CorruptTraceError
+
+    (r0, r1), (k0, k1) = rows, keys
+    tile_rows, tile_keys = tile[0], tile[-1]
+    out = np.zeros((max(0, r1 - r0), *tile[1:-1], max(0, k1 - k0)), dtype=dtype)
+    if r1 <= r0 or k1 <= k0:
+        return out
+    row_bytes = math.prod(tile[1:]) * dtype.itemsize
+    for ci in range(r0 // tile_rows, (r1 - 1) // tile_rows + 1):
+        lo, hi = max(r0, ci * tile_rows), min(r1, (ci + 1) * tile_rows)
+        for kj in range(k0 // tile_keys, (k1 - 1) // tile_keys + 1):
+            where = locate(ci, kj)
+            if where is None:
+                continue  # zeros already
+            fd, base, size = where
+            trailer = verifier.trailer if verifier is not None else 0
+            if size != tile_rows * row_bytes + trailer:
+                raise CorruptTraceError(f"array {name!r}: chunk ({ci}, {kj}) has {size} bytes, "
+                                        f"expected {tile_rows * row_bytes + trailer} (truncated "
+                                        f"or corrupt)")
+            whole = (verifier.check_file(ci, fd, base, key=(ci, kj))
+                     if verifier is not None else None)
+            if whole is not None:  # checked just now: its rows come from what was read
+                buf = whole.view(dtype).reshape(tile_rows, *tile[1:])[
+                    lo - ci * tile_rows: hi - ci * tile_rows]
+            else:
+                buf = np.empty((hi - lo, *tile[1:]), dtype=dtype)
+                got = os.preadv(fd, [memoryview(buf.reshape(-1).view(np.uint8))],
+                                base + (lo - ci * tile_rows) * row_bytes)
+                if got != buf.nbytes:
+                    raise CorruptTraceError(f"array {name!r}: chunk ({ci}, {kj}) is truncated")
+            a, b = max(k0, kj * tile_keys), min(k1, (kj + 1) * tile_keys)
+            out[lo - r0: hi - r0, ..., a - k0: b - k0] = buf[..., a - kj * tile_keys:
+                                                              b - kj * tile_keys]
+    return out
 
 
 def allocate(fd: int, offset: int, nbytes: int) -> bool:

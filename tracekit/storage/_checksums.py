@@ -255,15 +255,18 @@ class ChunkVerifier:
             return None
         return self.bound // self.chunk_rows * self.chunk_rows
 
-    def wants(self, ci: int) -> bool:
-        return bool(self.kind) and ci not in self._done and (
+    def wants(self, ci: int, key: Any = None) -> bool:
+        """Whether chunk ``ci`` (leading index; ``key``: its full index, for arrays chunked
+        along another axis too) is still to be checked."""
+        return bool(self.kind) and (ci if key is None else key) not in self._done and (
             self.bound is None or (ci + 1) * self.chunk_rows <= self.bound)
 
-    def check_file(self, ci: int, fd: int, base: int) -> np.ndarray | None:
-        """Verify chunk ``ci`` (leading index) stored raw at ``base`` of ``fd`` the first time
-        it is read; returns its data bytes when it read them, so the caller copies its rows
-        from them instead of reading again."""
-        if not self.wants(ci):
+    def check_file(self, ci: int, fd: int, base: int, key: Any = None) -> np.ndarray | None:
+        """Verify chunk ``ci`` (leading index; ``key``: its full index where the array is
+        chunked along another axis too) stored raw at ``base`` of ``fd`` the first time it is
+        read; returns its data bytes when it read them, so the caller copies its rows from
+        them instead of reading again."""
+        if not self.wants(ci, key):
             return None
         import os
 
@@ -271,9 +274,9 @@ class ChunkVerifier:
         if os.preadv(fd, [buf], base) != len(buf):
             from ..errors import CorruptTraceError
 
-            raise CorruptTraceError(f"array {self.name!r}: chunk {self.describe(ci)} is "
-                                    f"truncated")
-        self.check_bytes(ci, buf)
+            which = self.describe(ci if key is None else key)
+            raise CorruptTraceError(f"array {self.name!r}: chunk {which} is truncated")
+        self.check_bytes(ci if key is None else key, buf)
         return buf[:-CHUNK_CHECKSUM_BYTES]
 
     def check_bytes(self, ci: Any, stored: np.ndarray | bytes) -> None:

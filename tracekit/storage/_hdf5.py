@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from ..errors import (
     NotATraceError,
     TraceExistsError,
 )
-from ..format import ROOT_KEY
+from ..format import HDF5_PAGE_BYTES, ROOT_KEY
 from . import (
     MAX_METADATA_BYTES,
     Backend,
@@ -42,7 +43,9 @@ from . import (
     chunk_parts,
     full_rows,
     read_rows_direct,
+    read_tiles_direct,
     split_rows_key,
+    tiled_key,
 )
 from ._checksums import (
     CHUNK_CHECKSUM_BYTES,
@@ -71,7 +74,7 @@ META_HEADROOM = 16384
 #: a checksummed HDF5 metadata block half old, half new, and the file unreadable. Files are
 #: therefore created with HDF5's paged aggregation: no metadata block below a page straddles
 #: one, so every in-place update of one (chunk index nodes, object headers) is all or nothing.
-PAGE_BYTES = 4096
+PAGE_BYTES = HDF5_PAGE_BYTES
 #: Capacity of the metadata attribute when everything finalizing writes fits in it: its
 #: object-header chunk (the string plus about 60 bytes of message headers and checksum) then
 #: stays within one page, so the final, in-place metadata update cannot be torn.
@@ -175,7 +178,8 @@ def _check_not_truncated(path: Path) -> None:
 class HDF5Array(StoredArray):
     def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
                  fd: int | None = None, writable: bool = False, raw: bool = False,
-                 checksum: bool = False, cached: list[int] | None = None) -> None:
+                 checksum: bool = False, cached: list[int] | None = None,
+                 tiled_fd: int | None = None) -> None:
         self.name = name
         # Bytes written into HDF5's chunk cache since the last flush, shared by a writer's
         # arrays: the file space its next flush may need for them (see _cover_allocated).
@@ -183,6 +187,8 @@ class HDF5Array(StoredArray):
         self._ds = ds
         self.dims = dims
         self._fd = fd  # set when rows can be read with plain file reads
+        self._tiled_fd = tiled_fd  # set when position x key tiles can be read that way
+        self._tiles: dict[tuple[int, int], tuple[int, int]] | None = None
         self._raw_chunks = raw and writable  # whole chunks can be written as raw bytes
         self._writable = writable
         # h5py asks HDF5 for these on every access; they do not change, nor does a writer's
@@ -263,7 +269,34 @@ class HDF5Array(StoredArray):
                 if k not in ("DIMENSION_LIST", "DIMENSION_LABELS", "REFERENCE_LIST", "CLASS",
                              "NAME")}
 
+    def _locate_tile(self, ci: int, kj: int):
+        if self._tiles is None:
+            # Where every tile is, read once (one walk of the chunk index, instead of one
+            # lookup per tile per read: a step of a long trace touches dozens of tiles). A
+            # reader that follows a recording gets new arrays after each refresh.
+            rows, keys = self._chunks[0], self._chunks[-1]
+            tiles: dict[tuple[int, int], tuple[int, int]] = {}
+
+            def add(info: Any) -> None:
+                if info.byte_offset is not None:
+                    tiles[(info.chunk_offset[0] // rows, info.chunk_offset[-1] // keys)] = (
+                        info.byte_offset, info.size)
+
+            self._ds.id.chunk_iter(add)
+            self._tiles = tiles
+        where = self._tiles.get((ci, kj))
+        return None if where is None else (self._tiled_fd, *where)
+
     def __getitem__(self, key: tuple) -> np.ndarray:
+        tiled = tiled_key(key, self.shape) if self._tiled_fd is not None else None
+        if tiled is not None:
+            r0, r1, k0, k1, finish = tiled
+            try:
+                out = read_tiles_direct(self.name, self._locate_tile, (r0, r1), (k0, k1),
+                                        self._chunks, self._dtype)
+            except (*_H5_ERRORS, OSError) as exc:
+                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
+            return out[finish]
         split = split_rows_key(key, self.shape) if self._fd is not None else None
         if split is not None:
             start, stop, rest, drop = split
@@ -390,11 +423,15 @@ class HDF5Array(StoredArray):
         if self._shape is not None:
             self._shape = tuple(int(n) for n in shape)
 
-    def missing_chunks(self, rows: int) -> list[str]:
-        chunks = self.chunks
+    def missing_chunks(self, rows: int, expected=None) -> list[str]:
+        chunks, shape = self.chunks, self.shape
+        counts = [math.ceil(rows / chunks[0]),
+                  *(math.ceil(s / c) for s, c in zip(shape[1:], chunks[1:], strict=True))]
         missing = []
-        for start in range(0, rows, chunks[0]):
-            offset = (start,) + (0,) * (len(chunks) - 1)
+        for idx in itertools.product(*(range(n) for n in counts)):
+            if expected is not None and not expected(idx):
+                continue
+            offset = tuple(i * c for i, c in zip(idx, chunks, strict=True))
             try:
                 info = self._ds.id.get_chunk_info_by_coord(offset)
                 if info.byte_offset is None:
@@ -603,9 +640,15 @@ class HDF5Backend(Backend):
         checksum = bool(filters) and filters[-1] == FLETCHER32
         raw = (filters in ([], [FLETCHER32]) and ds.chunks is not None
                and ds.chunks[1:] == ds.shape[1:] and dtype.byteorder in ("<", "=", "|"))
+        # Chunked along the last axis too (attention's position x key tiles), unfiltered (1.0
+        # traces): read tile by tile from the file. Checksummed tiles (1.1) are read through
+        # HDF5, which checks their Fletcher-32.
+        tiled = (not filters and ds.chunks is not None and dtype.byteorder in ("<", "=", "|")
+                 and ds.chunks[1:] != ds.shape[1:] and len(ds.shape) >= 2
+                 and ds.chunks[1:-1] == ds.shape[1:-1])
         return HDF5Array(name, ds, dims, fd=self._fd if raw else None,
                          writable=not self._read_only, raw=raw, checksum=checksum,
-                         cached=self._cached)
+                         cached=self._cached, tiled_fd=self._fd if tiled else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
@@ -630,6 +673,9 @@ class HDF5Backend(Backend):
         self._cover_allocated()
         self._f.flush()
         self._cached[0] = 0
+
+    def allocated_bytes(self) -> int | None:
+        return int(self._f.id.get_filesize())
 
     def _cover_allocated(self) -> None:
         """Make the file longer than the space HDF5 has allocated, by ``FLUSH_HEADROOM``,
