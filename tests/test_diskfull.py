@@ -341,7 +341,7 @@ def test_record_into_a_full_disk_ends_with_one_line(tmp_path, kind) -> None:
     # Room for the layout and the space reserve, not for all 126 positions (HDF5 needs 1 MiB
     # allocated to lay a trace out, and frees it at its first flush: a larger trace).
     larger = ["--capture", "all", "--store-dtype", "float32"] if kind == "hdf5" else []
-    with small_filesystem(tmp_path / "fs", {"zarr": 900, "hdf5": 1500}[kind]) as mnt:
+    with small_filesystem(tmp_path / "fs", {"zarr": 600, "hdf5": 1300}[kind]) as mnt:
         out = mnt / f"t{SUFFIX[kind]}"
         done = subprocess.run(
             [sys.executable, "-c", "from tracekit.cli import main; main()", "record",
