@@ -126,3 +126,29 @@ def test_a_format_1_0_reader_opens_a_1_1_trace_with_a_warning(tmp_path, name) ->
     assert got["positions"] == 5 and got["tokens"] == [3, 10, 17, 24, 31]
     assert got["residual"] == 1.25
     assert got["attention"] == [0.125, 0, 0, 0, 0.25]
+
+
+def test_a_format_1_0_reader_refuses_a_truncated_trace_by_name(tmp_path) -> None:
+    """The one 1.1 value a 1.0 reader cannot ignore: status ``truncated`` (a recording stopped
+    at its size cap) is not in 1.0's schema, so a 1.0 reader refuses such a trace with an error
+    naming the status (spec section 7), rather than reading it as something it is not."""
+    import shutil
+
+    site = _format_1_0_reader(tmp_path)
+    trace = tmp_path / "capped.zarr"
+    shutil.copytree(DATA / "golden-v1.1-full.zarr", trace)
+    root = json.loads((trace / "zarr.json").read_text())
+    root["attributes"]["tracekit"]["status"] = "truncated"
+    (trace / "zarr.json").write_text(json.dumps(root))
+    with tracekit.open(trace) as t:  # this reader knows the status
+        assert t.status == "truncated" and t.n_positions == 5
+    code = ("import sys, tracekit\n"
+            "try:\n    tracekit.open(sys.argv[1])\n"
+            "except tracekit.MetadataError as exc:\n    print(exc)\n")
+    deps = next(p for p in sys.path if p.endswith("site-packages"))
+    out = subprocess.run(
+        [sys.executable, "-S", "-W", "ignore", "-c", code, str(trace)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"PYTHONPATH": f"{site}{os.pathsep}{deps}", "PATH": os.environ.get("PATH", "")})
+    assert out.returncode == 0, out.stderr
+    assert "'truncated' is not one of" in out.stdout
