@@ -16,6 +16,29 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ._sizes import (  # noqa: F401  (part of the format module's names)
+    ATTENTION_TILES,
+    CHUNK_CHECKSUM_BYTES,
+    COORD_CHUNK,
+    HDF5_ARRAY_BYTES,
+    HDF5_BASE_BYTES,
+    HDF5_CHUNK_BYTES,
+    HDF5_PAGE_BYTES,
+    MIN_ATTENTION_TILE,
+    ZARR_ARRAY_BYTES,
+    ZARR_BASE_BYTES,
+    _fill_pages,
+)
+from ._specs import (  # noqa: F401  (part of the format module's names)
+    ARRAY_SPECS,
+    CAPTURE_GROUPS,
+    DIMENSIONS,
+    PACKED,
+    SPECS_BY_NAME,
+    STEP_INPUT_ARRAYS,
+    VOCAB_GROUP,
+    ArraySpec,
+)
 from .errors import CorruptTraceError, MetadataError
 
 SCHEMA_NAME = "tracekit.trace"
@@ -27,16 +50,6 @@ ROOT_KEY = "tracekit"  # root attribute that holds the metadata object
 #: taken the trace past its size cap (``--max-size``); every committed step is intact.
 STATUSES = ("recording", "complete", "aborted", "truncated")
 
-#: Capture groups a recording can select, in the order they are documented.
-CAPTURE_GROUPS = (
-    "residual",
-    "attn_out",
-    "mlp_out",
-    "attention",
-    "neurons",
-    "predictions",
-    "logit_lens",
-)
 
 #: Stored dtypes for activations. bfloat16 is stored as uint16 bits with ``logical_dtype``.
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
@@ -68,133 +81,6 @@ DEFAULT_ATTENTION_TOP_K = 8
 DEFAULT_TOKEN_BYTES = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
 STEP_CHUNK = 4096
-#: Bytes each stored chunk carries beyond its data from format 1.1 on: zarr's ``crc32c`` codec
-#: and HDF5's Fletcher-32 filter both append a 4-byte checksum.
-CHUNK_CHECKSUM_BYTES = 4
-#: Attention (every array with a ``key`` axis) is stored in tiles of positions x keys, about
-#: a 40th of the planned length on a side, so that a causal trace stores only the tiles on or
-#: below the diagonal: about ``1 + 2 / ATTENTION_TILES`` times the triangle it holds (1.06 at
-#: 500 positions with the edges), in about 800 tiles (zarr: files) whatever the length. Tiles
-#: are at least ``MIN_ATTENTION_TILE`` on a side and at most ``chunk_bytes`` large.
-ATTENTION_TILES = 40
-MIN_ATTENTION_TILE = 8
-#: Values per chunk of the coordinate arrays.
-COORD_CHUNK = 1 << 16
-#: The HDF5 backend's file space page (storage/_hdf5.py): chunks of a page or more take whole
-#: pages, so attention tiles are shaped to fill theirs (see attention_tile).
-HDF5_PAGE_BYTES = 4096
-# Metadata bytes of a finished trace beyond its chunks: least-squares fits to demo-model
-# recordings of 1 to 505 positions and 18 to 36 arrays (tests/test_attention_tiles.py checks
-# the estimate against real recordings). zarr: the group's document, then each array's
-# zarr.json and its consolidated copy. HDF5: each array's object header, dimension scale links
-# and their pages, and each chunk's index entry; an HDF5 file also grows with its commits (each
-# flush leaves some metadata space behind: 110 to 370 bytes per chunk were fitted, from fast
-# to slow recordings, whence 200), so its estimate is good to about 5%.
-ZARR_BASE_BYTES = 544
-ZARR_ARRAY_BYTES = 965
-HDF5_BASE_BYTES = -24812  # negative: the per-array figure is a slope over 18-36 arrays
-HDF5_ARRAY_BYTES = 3730
-HDF5_CHUNK_BYTES = 200
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One array of the format: name, dimension names, dtype and the capture group it belongs to.
-
-    ``dtype`` is a numpy dtype name, or ``"activation"`` for the plan's stored activation dtype.
-    ``group`` is ``None`` for arrays every trace has.
-    """
-
-    name: str
-    dims: tuple[str, ...]
-    dtype: str
-    group: str | None
-    description: str
-    summary: bool = False
-
-
-# fmt: off
-ARRAY_SPECS: tuple[ArraySpec, ...] = (
-    ArraySpec("commit", ("commit_field",), "int64", None,
-              "Committed counter [positions, steps]; written after the data it covers."),
-    ArraySpec("token_id", ("position",), "int64", None, "Token id at each position."),
-    ArraySpec("token_bytes", ("position", "byte"), "uint8", None,
-              "UTF-8 (or raw) bytes of each token's text, zero padded."),
-    ArraySpec("token_nbytes", ("position",), "int32", None,
-              "Length of each token's text in bytes (may exceed the stored width: truncated)."),
-    ArraySpec("token_step", ("position",), "int32", None, "The step that computed each position."),
-    ArraySpec("step_start", ("step",), "int64", None, "First position computed by each step."),
-    ArraySpec("step_positions", ("step",), "int32", None,
-              "Number of positions each step computed."),
-    ArraySpec("step_time", ("step",), "float64", None,
-              "Wall-clock time (Unix seconds) when each step was computed."),
-    ArraySpec("residual", ("position", "point", "hidden"), "activation", "residual",
-              "Residual stream at layer boundaries (point p = input of block p)."),
-    ArraySpec("attn_out", ("position", "layer", "hidden"), "activation", "attn_out",
-              "What each block's attention adds to the residual stream."),
-    ArraySpec("mlp_out", ("position", "layer", "hidden"), "activation", "mlp_out",
-              "What each block's MLP adds to the residual stream."),
-    ArraySpec("attention", ("position", "layer", "head", "key"), "activation", "attention",
-              "Attention pattern: the query at `position` attending to `key`."),
-    ArraySpec("neurons", ("position", "layer", "neuron"), "activation", "neurons",
-              "MLP hidden activations (after the nonlinearity)."),
-    ArraySpec("top_ids", ("position", "rank"), "int32", "predictions",
-              "Top-k next-token ids predicted at each position."),
-    ArraySpec("top_logprobs", ("position", "rank"), "float32", "predictions",
-              "Log-probabilities of top_ids."),
-    ArraySpec("lens_ids", ("position", "point", "rank"), "int32", "logit_lens",
-              "Logit lens: top-k ids decoded from the residual stream at each point."),
-    ArraySpec("lens_logprobs", ("position", "point", "rank"), "float32", "logit_lens",
-              "Log-probabilities of lens_ids."),
-    # Level-of-detail summaries, written by the writer while recording.
-    ArraySpec("residual_norm", ("position", "point"), "float32", "residual",
-              "L2 norm of residual.", summary=True),
-    ArraySpec("residual_range", ("position", "bound"), "float32", "residual",
-              "Min and max of residual at each position.", summary=True),
-    ArraySpec("attn_out_norm", ("position", "layer"), "float32", "attn_out",
-              "L2 norm of attn_out.", summary=True),
-    ArraySpec("attn_out_range", ("position", "bound"), "float32", "attn_out",
-              "Min and max of attn_out at each position.", summary=True),
-    ArraySpec("mlp_out_norm", ("position", "layer"), "float32", "mlp_out",
-              "L2 norm of mlp_out.", summary=True),
-    ArraySpec("mlp_out_range", ("position", "bound"), "float32", "mlp_out",
-              "Min and max of mlp_out at each position.", summary=True),
-    ArraySpec("neurons_range", ("position", "bound"), "float32", "neurons",
-              "Min and max of neurons at each position.", summary=True),
-    ArraySpec("attention_top_keys", ("position", "layer", "head", "attn_rank"), "int32",
-              "attention", "Most attended keys per query, layer and head (-1: none).",
-              summary=True),
-    ArraySpec("attention_top_weights", ("position", "layer", "head", "attn_rank"), "float32",
-              "attention", "Weights of attention_top_keys.", summary=True),
-    # The vocabulary (1.1, optional): the text of every token id, so that predicted ids read
-    # as text without the tokenizer. Ragged: token i is vocab_bytes[sum(vocab_nbytes[:i]):]
-    # [:vocab_nbytes[i]]. Written once, when the trace is laid out.
-    ArraySpec("vocab_nbytes", ("vocab",), "int32", "vocab",
-              "Length in bytes of each token id's text in vocab_bytes."),
-    ArraySpec("vocab_bytes", ("vocab_byte",), "uint8", "vocab",
-              "UTF-8 (or raw) bytes of every token id's text, concatenated in id order."),
-)
-# fmt: on
-
-SPECS_BY_NAME: dict[str, ArraySpec] = {s.name: s for s in ARRAY_SPECS}
-
-#: Arrays whose per-position data the recorder passes to ``write_step`` (summaries are derived).
-STEP_INPUT_ARRAYS = tuple(
-    s.name for s in ARRAY_SPECS if s.group in CAPTURE_GROUPS and not s.summary
-)
-
-#: Group of the vocabulary arrays: present when ``capture.vocab_bytes`` is set, not captured.
-VOCAB_GROUP = "vocab"
-#: Compression of the vocabulary arrays and their coordinates, whatever ``capture.compression``
-#: says: they are written once and read whole, so they are packed hard (byte shuffle + zstd on
-#: zarr, shuffle + deflate on HDF5): a 50k-token vocabulary then adds about 0.2 MB, not 3 MB.
-PACKED = "packed"
-
-#: Every dimension; each has a coordinate array of the same name in the trace.
-DIMENSIONS = (
-    "position", "step", "point", "layer", "head", "key", "hidden", "neuron",
-    "rank", "attn_rank", "bound", "byte", "commit_field", "vocab", "vocab_byte",
-)
 
 
 def storage_dtype(logical: str) -> np.dtype:
@@ -606,25 +492,6 @@ class TracePlan:
                 f"metadata points {cap.get('points')} do not match layers {list(plan.layers)}"
             )
         return plan
-
-
-def _fill_pages(rows: int, keys: int, cell: int, limit: int) -> tuple[int, int]:
-    """A tile near ``rows`` x ``keys`` (no larger in rows + keys) whose bytes plus the chunk
-    checksum fill whole HDF5 pages: a power-of-two tile of 16 x 16 x 32 bytes is exactly two
-    pages, and its checksum would make it take three (HDF5 gives a chunk whole pages)."""
-    def waste(r: int, k: int) -> float:
-        nbytes = r * k * cell + CHUNK_CHECKSUM_BYTES
-        if nbytes < HDF5_PAGE_BYTES:
-            return 0.0
-        return (-nbytes % HDF5_PAGE_BYTES) / (r * k * cell)
-
-    if waste(rows, keys) < 0.02:
-        return rows, keys
-    shapes = [(r, k) for r in range(max(1, rows - 4), rows + 1)
-              for k in range(max(1, keys - 4), min(limit, keys + 4) + 1) if r + k <= rows + keys]
-    # The largest tile that wastes under 2% of itself, else the least wasteful.
-    return min(shapes, key=lambda t: (waste(*t) >= 0.02, -t[0] * t[1] if waste(*t) < 0.02
-                                      else waste(*t)))
 
 
 def parse_version(text: Any) -> tuple[int, int]:
