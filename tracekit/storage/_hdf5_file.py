@@ -93,13 +93,6 @@ def _hdf5_function(name: str, *argtypes: Any) -> Any:
     return function
 
 
-def _read_attempts_setter() -> Any:
-    """``H5Pset_metadata_read_attempts`` (None: HDF5's default applies)."""
-    import ctypes
-
-    return _hdf5_function("H5Pset_metadata_read_attempts", ctypes.c_int64, ctypes.c_uint)
-
-
 def _open_swmr_reader(path: Path) -> h5py.File:
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
