@@ -72,8 +72,10 @@ def test_refresh_reports_an_aborted_recording_and_why(tmp_path, monkeypatch) -> 
 
         # The disk fills: the next commit's data cannot be written.
         monkeypatch.setattr(type(writer._arrays["residual"]), "write_rows", no_space)
+        # One more step, then a flush: its commit fails, whatever the threads' timing.
+        ids, texts, arrays, t = list(tracegen.iter_steps(plan, 4, plan.max_positions, sizes))[3]
         with pytest.raises(tracekit.WriterError, match="No space left on device"):
-            tracegen.feed_synthetic(writer, plan, 4, plan.max_positions)
+            writer.write_step(ids, texts, arrays, step_time=t)
             writer.flush()
         monkeypatch.undo()
         with pytest.raises(tracekit.WriterError, match=f"keeps its {first} committed"):
