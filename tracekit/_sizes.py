@@ -50,3 +50,10 @@ def _fill_pages(rows: int, keys: int, cell: int, limit: int) -> tuple[int, int]:
     # The largest tile that wastes under 2% of itself, else the least wasteful.
     return min(shapes, key=lambda t: (waste(*t) >= 0.02, -t[0] * t[1] if waste(*t) < 0.02
                                       else waste(*t)))
+#: The vocabulary is always compressed (PACKED), so its size on disk follows from its content,
+#: not its shape: bytes per byte of token text and per token id (its length and coordinate),
+#: fitted to the demo model's 2048-id byte-level BPE (8,100 text bytes: 7 KB of chunks) and a
+#: 50257-id byte-level BPE (341,767 text bytes: 211 KB); MiniLM's 30522 WordPiece ids come out
+#: at 130 KB against 126 KB measured (``benchmarks/bench_vocab.py``).
+VOCAB_TEXT_BYTE_COST = 0.28
+VOCAB_ID_COST = 2.3

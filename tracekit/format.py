@@ -25,6 +25,8 @@ from ._sizes import (  # noqa: F401  (part of the format module's names)
     HDF5_CHUNK_BYTES,
     HDF5_PAGE_BYTES,
     MIN_ATTENTION_TILE,
+    VOCAB_ID_COST,
+    VOCAB_TEXT_BYTE_COST,
     ZARR_ARRAY_BYTES,
     ZARR_BASE_BYTES,
     _fill_pages,
@@ -420,11 +422,17 @@ class TracePlan:
 
         total = 0.0
         arrays, coords = self._stored_layout
+        vocab_dims = {d for spec, _, _ in arrays if spec.group == VOCAB_GROUP for d in spec.dims}
         for spec, chunks, item in arrays:
-            total += self.stored_chunks(spec, n, s) * stored(math.prod(chunks) * item)
+            if spec.group != VOCAB_GROUP:  # compressed: counted by its content, below
+                total += self.stored_chunks(spec, n, s) * stored(math.prod(chunks) * item)
         for dim, length, chunk in coords:
-            kept = math.ceil((n if dim in GROWING_DIMS else length) / chunk)
-            total += kept * stored(chunk * 8)
+            if dim not in vocab_dims:
+                kept = math.ceil((n if dim in GROWING_DIMS else length) / chunk)
+                total += kept * stored(chunk * 8)
+        if self.has_vocab:
+            total += (VOCAB_TEXT_BYTE_COST * (self.vocab_bytes or 0)
+                      + VOCAB_ID_COST * self.model.vocab_size)
         return math.ceil(total)
 
     def _chunks_of(self, spec: ArraySpec) -> tuple[int, ...]:
