@@ -99,7 +99,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         except Exception as exc:
             raise _load_error(source, exc, offline) from exc
         cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        # Weights only from safetensors: a pytorch_model.bin is a pickle, which can run code.
+        # Weights only from safetensors, never pickle: a pytorch_model.bin can run code on load.
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **common}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
