@@ -56,3 +56,23 @@ def disk_trace(tmp_path: Path, disk_kind: str, small_plan):
     target = trace_target(tmp_path, disk_kind)
     expected = tracegen.write_synthetic(target, small_plan, seed=11)
     return target, expected
+
+
+@pytest.fixture(scope="session")
+def s3_server_session():
+    """One loopback S3 server (moto) for the whole test session."""
+    from servers import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server_session, monkeypatch):
+    """The loopback S3 server, emptied, with the environment pointing at it (endpoint and
+    dummy credentials in the standard AWS variables)."""
+    s3_server_session.reset()
+    for key, value in s3_server_session.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server_session
