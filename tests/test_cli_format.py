@@ -111,7 +111,7 @@ def test_errors_are_one_line_without_traceback(runner: CliRunner, tmp_path: Path
     junk.write_bytes(b"not a trace at all")
     result = runner.invoke(main, ["info", str(junk)])
     assert result.exit_code == 1
-    assert result.output == f"Error: {junk}: neither a zarr v3 directory nor an HDF5 file\n"
+    assert result.output == f"Error: {junk}: neither a zarr v3 directory, a pack nor an HDF5 file\n"
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
@@ -164,7 +164,7 @@ def test_validate_names_the_path_once(runner: CliRunner, tmp_path: Path) -> None
     junk.write_text("not a trace")
     result = runner.invoke(main, ["validate", str(junk)])
     assert result.exit_code == 1
-    assert result.output == f"{junk}: neither a zarr v3 directory nor an HDF5 file\n"
+    assert result.output == f"{junk}: neither a zarr v3 directory, a pack nor an HDF5 file\n"
 
 
 def test_convert_refuses_an_unknown_suffix_unless_format_is_given(runner: CliRunner,

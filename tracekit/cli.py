@@ -15,7 +15,15 @@ import click
 import numpy as np
 
 from . import __version__
-from ._cliutil import TraceCommand, disk_usage, human_bytes, index_ranges, output_format
+from ._cliutil import (
+    TRACE,
+    TraceCommand,
+    disk_usage,
+    human_bytes,
+    index_ranges,
+    output_format,
+    remote_options,
+)
 from .errors import one_line
 from .format import decode_token_text
 
@@ -67,7 +75,7 @@ def _trace_text(trace, limit: int = INFO_TEXT_CHARS) -> tuple[str, bool]:
     return "".join(parts), end == trace.n_positions
 
 
-def _info_json(trace, path: Path) -> dict[str, Any]:
+def _info_json(trace, path: Path | str) -> dict[str, Any]:
     text, complete = _trace_text(trace)
     arrays = {}
     for name in trace.array_names():
@@ -88,13 +96,18 @@ def _info_json(trace, path: Path) -> dict[str, Any]:
 
 
 @main.command(cls=TraceCommand)
-@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.argument("trace", type=TRACE)
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON, for scripts.")
-def info(trace: Path, as_json: bool) -> None:
-    """Summarise a trace: model, run, captured arrays and sizes."""
+@remote_options
+def info(trace: Path | str, as_json: bool, remote: dict[str, Any]) -> None:
+    """Summarise a trace: model, run, captured arrays and sizes.
+
+    TRACE is a path or a URL (https://, s3://, gs://, az://, any fsspec URL); only the
+    chunks read are fetched.
+    """
     from .reader import open_or_error
 
-    with open_or_error(trace) as t:
+    with open_or_error(trace, **remote) as t:
         data = _info_json(t, trace)
         if as_json:
             click.echo(json.dumps(data, indent=2, sort_keys=True))
@@ -104,8 +117,9 @@ def info(trace: Path, as_json: bool) -> None:
         if t.metadata.get("stop_reason"):
             status += f" ({t.metadata['stop_reason']})"
         lines = [
-            f"Trace     {trace} ({t.format}, format {t.metadata['version']}, "
-            f"{human_bytes(data['disk_bytes'])})",
+            f"Trace     {t.location} ({t.format}, format {t.metadata['version']}"
+            + (f", {human_bytes(data['disk_bytes'])})" if data["disk_bytes"] is not None
+               else ")"),
             f"Status    {status}: {t.n_positions} positions in {t.n_steps} steps "
             f"(prompt {t.prompt_length})",
             f"Model     {m['name']} ({m.get('architecture') or '?'}, {m['kind']}): "
@@ -137,19 +151,24 @@ def info(trace: Path, as_json: bool) -> None:
 
 
 @main.command(cls=TraceCommand)
-@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.argument("trace", type=TRACE)
 @click.option("--quick", is_flag=True, help="Check structure only; do not decode every chunk.")
 @click.option("--deep", is_flag=True,
               help="Also read every stored chunk of every array, coordinates included, and "
                    "check its checksum (naming each corrupt chunk).")
-def validate(trace: Path, quick: bool, deep: bool) -> None:
-    """Check a trace against the spec; one line per problem."""
+@remote_options
+def validate(trace: Path | str, quick: bool, deep: bool, remote: dict[str, Any]) -> None:
+    """Check a trace against the spec; one line per problem.
+
+    TRACE is a path or a URL (https://, s3://, gs://, az://, any fsspec URL); only the
+    chunks read are fetched.
+    """
     from .validate import validate as run_validate
 
     if quick and deep:
         raise click.UsageError("--quick and --deep exclude each other")
     with progress_bar("validating") as update:
-        problems = run_validate(trace, quick=quick, deep=deep, progress=update)
+        problems = run_validate(trace, quick=quick, deep=deep, progress=update, **remote)
     if problems:
         for p in problems:
             click.echo(f"{trace}: {p}", err=True)
@@ -158,18 +177,24 @@ def validate(trace: Path, quick: bool, deep: bool) -> None:
 
 
 @main.command(cls=TraceCommand)
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("src", type=TRACE)
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]),
               help="Destination format [default: from DST's suffix, .zarr or .h5/.hdf5].")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def convert(src: Path, dst: Path, fmt: str | None, force: bool) -> None:
-    """Convert a trace between zarr and HDF5, bit-exact."""
+@remote_options
+def convert(src: Path | str, dst: Path, fmt: str | None, force: bool,
+            remote: dict[str, Any]) -> None:
+    """Convert a trace between zarr and HDF5, bit-exact.
+
+    SRC is a path or a URL (https://, s3://, gs://, az://, any fsspec URL); only the
+    chunks read are fetched.
+    """
     from .convert import convert as run_convert
 
     fmt = output_format(dst, fmt)
     with progress_bar("converting") as update:
-        out = run_convert(src, dst, format=fmt, overwrite=force, progress=update)
+        out = run_convert(src, dst, format=fmt, overwrite=force, progress=update, **remote)
     click.echo(f"wrote {out} ({human_bytes(disk_usage(out))})")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import TraceError
 from .reader import Trace, open_or_error
@@ -21,17 +22,18 @@ Progress = Callable[[int, int], None]
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             format: str | None = None, overwrite: bool = False,
-            progress: Progress | None = None) -> Path:
-    """Copy the committed content of trace ``src`` to ``dst`` in ``format`` (default: from the
-    suffix of ``dst``, else the other format than the source's)."""
+            progress: Progress | None = None, **options: Any) -> Path:
+    """Copy the committed content of trace ``src`` (a path or a URL; ``options`` as
+    :func:`tracekit.open` takes them) to ``dst`` in ``format`` (default: from the suffix of
+    ``dst``, else the other format than the source's)."""
     dst = Path(dst)
-    with open_or_error(src) as trace:
+    with open_or_error(src, **options) as trace:
         fmt = format or format_from_suffix(
             dst, default="hdf5" if trace.format == "zarr" else "zarr")
         if dst.exists():
             if not overwrite:
                 raise TraceError(f"{dst} already exists (use --force to replace it)")
-        elif Path(src).resolve() == dst.resolve():
+        elif trace.path is not None and trace.path.resolve() == dst.resolve():
             raise TraceError("source and destination are the same")
         backend = create_backend(dst if not dst.exists() else _temp_sibling(dst), fmt)
         try:

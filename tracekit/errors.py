@@ -71,3 +71,12 @@ class TraceExistsError(TraceError, FileExistsError):
 
 class TokenIdError(TraceError, IndexError):
     """A token id outside the trace's vocabulary (``Trace.decode``)."""
+
+
+class RemoteError(TraceError):
+    """A trace at a URL could not be reached or read: names the URL and the HTTP status or
+    the cause, after retries where retrying could help."""
+
+
+class RemoteAccessError(RemoteError):
+    """The store refused access (HTTP 401/403, credentials missing or wrong)."""

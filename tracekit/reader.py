@@ -26,7 +26,7 @@ from .format import (
     logical_numpy_dtype,
 )
 from .schema import check_metadata
-from .storage import Backend, StoredArray, open_backend
+from .storage import Backend, StoredArray, is_url, open_backend
 from .vocab import Vocabulary
 
 
@@ -247,16 +247,21 @@ class Tokens(Sequence[Token]):
 class Trace:
     """An open trace: metadata, tokens and lazy named arrays. Use as a context manager."""
 
-    def __init__(self, backend: Backend, path: Path | None = None) -> None:
+    def __init__(self, backend: Backend, path: Path | None = None,
+                 location: str | None = None) -> None:
         self._backend = backend
+        #: The local path of the trace (None for a URL or an in-memory trace).
         self.path = path
+        #: Where the trace is, as messages name it: its path, or its URL.
+        self.location = location or (str(path) if path is not None else None)
         try:
             self.metadata: dict[str, Any] = backend.read_root_meta()
             self.version, newer_minor = check_metadata(self.metadata)
             if newer_minor:
                 warnings.warn(
-                    f"{path or 'trace'} uses format {self.metadata['version']}, newer than this "
-                    f"reader's; unknown fields are ignored (upgrade tracekit to use them)",
+                    f"{self.location or 'trace'} uses format {self.metadata['version']}, newer "
+                    f"than this reader's; unknown fields are ignored (upgrade tracekit to use "
+                    f"them)",
                     stacklevel=2,
                 )
             self.plan = TracePlan.from_metadata(self.metadata)
@@ -423,7 +428,7 @@ class Trace:
         if self._vocab is None:
             if not self.plan.has_vocab:
                 raise MissingArrayError(
-                    f"{self.path or 'this trace'} was recorded without a vocabulary (format "
+                    f"{self.location or 'this trace'} was recorded without a vocabulary (format "
                     f"{self.metadata['version']}); load its tokenizer "
                     f"({self.metadata.get('run', {}).get('tokenizer') or self.model['name']}) "
                     f"to turn token ids into text")
@@ -476,7 +481,7 @@ class Trace:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<Trace {self.path or self.format} {self.status} positions={self.n_positions} "
+        return (f"<Trace {self.location or self.format} {self.status} positions={self.n_positions} "
                 f"model={self.model.get('name')!r} arrays={self.array_names()}>")
 
 
@@ -494,19 +499,30 @@ def _check_chunks(name: str, chunks: tuple[int, ...], allocated: tuple[int, ...]
                                     f"along {d!r}")
 
 
-def open(path: str | os.PathLike[str] | Backend) -> Trace:  # noqa: A001 - mirrors builtins
-    """Open a trace (zarr directory or HDF5 file, detected by its bytes) for reading."""
+def open(path: str | os.PathLike[str] | Backend, *,  # noqa: A001 - mirrors builtins
+         storage_options: dict[str, Any] | None = None,
+         cache_dir: str | os.PathLike[str] | None = None,
+         cache_bytes: int | None = None) -> Trace:
+    """Open a trace for reading: a zarr folder, an HDF5 file or a pack (told by their bytes),
+    on this machine or at a URL (``https://``, ``s3://``, ``gs://``, ``az://``, any fsspec
+    protocol; ``pip install 'tracekit[remote]'``). Remote traces fetch only the chunks read;
+    ``storage_options`` go to fsspec (credentials otherwise come from the usual places, such
+    as ``AWS_PROFILE``), and ``cache_dir`` keeps what was fetched on disk, at most
+    ``cache_bytes``, so that reading it again costs no request."""
     if isinstance(path, Backend):
         return Trace(path)
+    options = {"storage_options": storage_options, "cache_dir": cache_dir,
+               "cache_bytes": cache_bytes}
+    if is_url(path):
+        return Trace(open_backend(str(path), **options), location=str(path))
     p = Path(path)
-    backend = open_backend(p)
-    return Trace(backend, p)
+    return Trace(open_backend(p, **options), p)
 
 
-def open_or_error(path: str | os.PathLike[str]) -> Trace:
+def open_or_error(path: str | os.PathLike[str], **options: Any) -> Trace:
     """Like :func:`open`, but any unexpected failure of a hostile file becomes a TraceError."""
     try:
-        return open(path)
+        return open(path, **options)
     except TraceError:
         raise
     except Exception as exc:

@@ -7,7 +7,6 @@ functions, so ``tracekit --help`` and the other commands stay fast and work with
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from pathlib import Path
@@ -15,18 +14,21 @@ from typing import Any
 
 import click
 
-from ._cliutil import TraceCommand, human_bytes, index_ranges, output_format
+from ._cliutil import (
+    TRACE,
+    TraceCommand,
+    human_bytes,
+    index_ranges,
+    output_format,
+    parse_size,
+    remote_options,
+)
 from .format import CAPTURE_GROUPS
 
 __all__ = ["parse_capture", "parse_layers", "parse_size", "record", "replay"]
 
 #: Mirrors ``tracekit.recorder.DEFAULT_CAPTURE`` without importing torch.
 DEFAULT_CAPTURE = tuple(g for g in CAPTURE_GROUPS if g != "neurons")
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20,
-          "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
 
 
 #: The logit lens is one (points x d_model x vocab) matmul per token: negligible on a GPU, but
@@ -45,15 +47,6 @@ def _model_devices(model: Any) -> list[Any]:
     from .recorder.recording import _devices
 
     return _devices(model)
-
-
-def parse_size(text: str) -> int:
-    """``2GB`` -> 2e9, ``512MiB`` -> 512 * 2**20, ``1000`` -> 1000 bytes."""
-    m = _SIZE.match(text)
-    unit = (m.group(2) or "").lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise click.BadParameter(f"{text!r} is not a size like 500MB, 2GB or 1.5GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -364,7 +357,7 @@ class _progress:
 
 
 @click.command(cls=TraceCommand)
-@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.argument("trace", type=TRACE)
 @click.option("--verify", is_flag=True,
               help="Exit 1 when any array deviates beyond the tolerance.")
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True),
@@ -378,15 +371,21 @@ class _progress:
               help="Dtype to replay in (float32 is the reference).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow the model's own Python code to run (off by default).")
-def replay(trace: Path, verify: bool, tolerance: float | None, model_override: str | None,
-           device: str, dtype: str, trust_remote_code: bool) -> None:
-    """Re-run a trace's model on its tokens; report deviations."""
+@remote_options
+def replay(trace: Path | str, verify: bool, tolerance: float | None,
+           model_override: str | None, device: str, dtype: str, trust_remote_code: bool,
+           remote: dict[str, Any]) -> None:
+    """Re-run a trace's model on its tokens; report deviations.
+
+    TRACE is a path or a URL (https://, s3://, gs://, az://, any fsspec URL); only the
+    chunks read are fetched.
+    """
     from .reader import open_or_error
     from .recorder import load_model, verify_trace
     from .recorder.errors import RecorderError
     from .recorder.hub import describe_source
 
-    with open_or_error(trace) as t:
+    with open_or_error(trace, **remote) as t:
         name = model_override or t.model["name"]
         if not model_override:  # a trace from elsewhere names any model: say which, from where
             click.echo(f"Loading   {name} (named by the trace) from {describe_source(name)}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .errors import TraceError, one_line
 from .format import GROWING_DIMS, TracePlan, parse_version
 from .reader import Trace
 from .schema import schema_errors
-from .storage import open_backend
+from .storage import is_url, open_backend
 
 Progress = Callable[[int, int], None]
 
@@ -33,19 +34,20 @@ CHECKSUMS_SINCE = (1, 1)
 
 
 def validate(path: str | os.PathLike[str], *, quick: bool = False, deep: bool = False,
-             progress: Progress | None = None) -> list[str]:
+             progress: Progress | None = None, **options: Any) -> list[str]:
     """Problems found in the trace at ``path`` (empty when it is valid): one printable line of
     bounded length each (they quote values from the trace), a sentence about the trace that
     does not repeat its path (the CLI prints it once, before each). ``quick``: structure
     only; ``deep``: also read every stored chunk whole and check its checksum."""
     prefix = f"{path}: "
-    return [one_line(p.removeprefix(prefix)) for p in _problems(path, quick, deep, progress)]
+    return [one_line(p.removeprefix(prefix))
+            for p in _problems(path, quick, deep, progress, options)]
 
 
 def _problems(path: str | os.PathLike[str], quick: bool, deep: bool,
-              progress: Progress | None) -> list[str]:
+              progress: Progress | None, options: dict[str, Any]) -> list[str]:
     try:
-        backend = open_backend(Path(path))
+        backend = open_backend(path if is_url(path) else Path(path), **options)
     except TraceError as exc:
         return [str(exc)]
     try:
@@ -59,7 +61,8 @@ def _problems(path: str | os.PathLike[str], quick: bool, deep: bool,
     except TraceError as exc:
         problems.append(str(exc))
     try:
-        trace = Trace(backend, Path(path))
+        trace = (Trace(backend, location=str(path)) if is_url(path)
+                 else Trace(backend, Path(path)))
     except TraceError as exc:
         backend.close()
         return problems or [str(exc)]

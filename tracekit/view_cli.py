@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ._cliutil import TraceCommand
+from ._cliutil import TRACE, TraceCommand, remote_options
 
 INSTALL_HINT = ("the viewer is not installed: pip install -e viewer (in a tracekit checkout) "
                 "or pip install tracekit-viewer")
@@ -65,16 +65,21 @@ def _state_options(f: Any) -> Any:
 
 
 @click.command(cls=_ViewerCommand)
-@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.argument("trace", type=TRACE)
 @_state_options
 @click.option("--cache-mb", type=click.IntRange(16, 1 << 20), default=64, show_default=True,
               help="Memory for cached blocks of the trace.")
 @click.option("--size", default="1600x1000", show_default=True,
               help="Window width x height in pixels.")
-def view(trace: Path, step: int | None, layer: int | None, head: str, token: int | None,
-         view_name: str, metric: str, top_k: int, threshold: float, cache_mb: int,
-         size: str) -> None:
-    """Open a trace in the 3D viewer; press h there for the keys."""
+@remote_options
+def view(trace: Path | str, step: int | None, layer: int | None, head: str,
+         token: int | None, view_name: str, metric: str, top_k: int, threshold: float,
+         cache_mb: int, size: str, remote: dict[str, Any]) -> None:
+    """Open a trace in the 3D viewer; press h there for the keys.
+
+    TRACE is a path or a URL (https://, s3://, gs://, az://, any fsspec URL); only the
+    chunks read are fetched.
+    """
     if _viewer_module("_vtkenv").headless():
         raise click.ClickException(
             "no display to open a window on (DISPLAY is not set); write pictures with "
@@ -83,19 +88,23 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
     render = _viewer_module("render")
     dims = render.parse_size(size)
     source_mod = _viewer_module("source")
-    probe = source_mod.TraceSource(trace, prefetch=False)
-    try:
-        state = render.viewer_state(probe, step=step, layer=layer, head=head, token=token,
-                                    view=view_name, metric=metric, top_k=top_k,
-                                    threshold=threshold)
-    finally:
-        probe.close()
-    viewer = app.CityViewer(trace, state=state, cache_bytes=cache_mb << 20, window_size=dims)
-    viewer.show()
+    from .reader import open_or_error
+
+    with open_or_error(trace, **remote) as opened:
+        probe = source_mod.TraceSource(opened, prefetch=False)
+        try:
+            state = render.viewer_state(probe, step=step, layer=layer, head=head, token=token,
+                                        view=view_name, metric=metric, top_k=top_k,
+                                        threshold=threshold)
+        finally:
+            probe.close()
+        viewer = app.CityViewer(opened, state=state, cache_bytes=cache_mb << 20,
+                                window_size=dims)
+        viewer.show()
 
 
 @click.command(cls=_ViewerCommand)
-@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.argument("trace", type=TRACE)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Image (.png, .jpg) or, with --steps, movie (.gif, .mp4) to write.")
 @click.option("--steps", default=None,
@@ -107,16 +116,30 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
 @click.option("--panels/--no-panels", default=True, show_default=True,
               help="Draw the linked layer, attention and token views beside the city.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def render(trace: Path, output: Path, steps: str | None, step: int | None, layer: int | None,
-           head: str, token: int | None, view_name: str, metric: str, top_k: int,
-           threshold: float, size: str, fps: float, panels: bool, force: bool) -> None:
-    """Render a trace headless to a PNG, or --steps to a GIF/MP4."""
+@remote_options
+def render(trace: Path | str, output: Path, steps: str | None, step: int | None,
+           layer: int | None, head: str, token: int | None, view_name: str, metric: str,
+           top_k: int, threshold: float, size: str, fps: float, panels: bool, force: bool,
+           remote: dict[str, Any]) -> None:
+    """Render a trace headless to a PNG, or --steps to a GIF/MP4.
+
+    TRACE is a path or a URL (https://, s3://, gs://, az://, any fsspec URL); only the
+    chunks read are fetched.
+    """
     if output.exists() and not force:  # the rule of every command that writes a file
         raise click.ClickException(f"{output} already exists (pass --force to overwrite)")
+    from .reader import open_or_error
+
+    with open_or_error(trace, **remote) as opened:
+        _render(opened, output, steps, step, size, fps, panels,
+                dict(layer=layer, head=head, token=token, view=view_name, metric=metric,
+                     top_k=top_k, threshold=threshold))
+
+
+def _render(trace: Any, output: Path, steps: str | None, step: int | None, size: str,
+            fps: float, panels: bool, state: dict[str, Any]) -> None:
     render_mod = _viewer_module("render")
     dims = render_mod.parse_size(size)
-    state = dict(layer=layer, head=head, token=token, view=view_name, metric=metric,
-                 top_k=top_k, threshold=threshold)
     is_movie = output.suffix.lower() in render_mod.MOVIE_SUFFIXES
     if steps is not None or is_movie:
         if not is_movie:

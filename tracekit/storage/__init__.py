@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NotATraceError, TraceError, WriterError
+from ..errors import NotATraceError, RemoteError, TraceError, WriterError
 
 #: Stored (physical) dtypes any backend may hold. Everything else is refused on open.
 ALLOWED_DTYPES = frozenset(
@@ -183,20 +183,85 @@ class Backend(ABC):
         self.close()
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """'zarr' or 'hdf5', from the bytes on disk (not the file name)."""
-    p = Path(path)
+    """'zarr' or 'hdf5' (a pack is a zarr trace), from the bytes (not the name)."""
+    fmt, source, _ = resolve(path)
+    source.close()
+    return fmt
+
+
+def is_url(location: object) -> bool:
+    """Whether ``location`` names a trace by URL (``s3://``, ``https://``...), not a path."""
+    if not isinstance(location, str):
+        return False
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() != "file" and scheme.replace("+", "").isalnum()
+
+
+def open_source(location: str | os.PathLike[str], storage_options: dict | None = None,
+                cache_dir: str | os.PathLike[str] | None = None,
+                cache_bytes: int | None = None) -> Any:
+    """The :class:`~tracekit.storage._source.Source` of a path or URL (remote ones through
+    fsspec, with ``storage_options``, and an optional on-disk cache)."""
+    from ._source import LocalDirSource, LocalFileSource
+
+    if is_url(location):
+        from ._remote import open_remote
+
+        return open_remote(str(location), storage_options=storage_options,
+                           cache_dir=None if cache_dir is None else str(cache_dir),
+                           cache_bytes=cache_bytes)
+    text = os.fspath(location)
+    p = Path(text[len("file://"):] if text.startswith("file://") else text)
     if p.is_dir():
-        if (p / "zarr.json").is_file():
-            return "zarr"
-        raise NotATraceError(f"{p}: a directory without zarr.json is not a zarr trace")
+        return LocalDirSource(p)
     if p.is_file():
-        with open(p, "rb") as fh:
-            head = fh.read(8)
-        if head == HDF5_MAGIC:
-            return "hdf5"
-        raise NotATraceError(f"{p}: neither a zarr v3 directory nor an HDF5 file")
+        return LocalFileSource(p)
     raise NotATraceError(f"{p}: no such file or directory")
+
+
+def resolve(location: Any, **options: Any) -> tuple[str, Any, bytes | None]:
+    """(format, source, root document) of a trace given by path, URL or Source: 'zarr' (a
+    folder, or a pack, whose source is then the zip's entries) or 'hdf5', told by their
+    bytes. A zarr trace's root ``zarr.json`` comes along: read once, it costs one request."""
+    from ._source import Read, Source
+
+    source = location if isinstance(location, Source) else open_source(location, **options)
+    try:
+        local = source.local_path
+        if local is not None and local.is_dir() and not (local / "zarr.json").is_file():
+            raise NotATraceError(f"{local}: a directory without zarr.json is not a zarr trace")
+        try:
+            root = source.get("zarr.json", MAX_METADATA_BYTES)
+        except (NotATraceError, RemoteError):
+            raise
+        except TraceError as exc:  # a link, over the limit: not a document to parse
+            from ..errors import MetadataError
+
+            raise MetadataError(f"{source.location}: {exc}") from exc
+        if root is not None:
+            return "zarr", source, root
+        head = Read("", 0, np.zeros(8, np.uint8))
+        size = source.size("")
+        if size is not None and size >= 8:
+            source.fetch([head])
+        magic = head.out.tobytes() if head.found else b""
+        if magic == HDF5_MAGIC:
+            return "hdf5", source, None
+        if magic[:4] == ZIP_MAGIC:
+            from ._zip import ZipSource
+
+            return resolve(ZipSource(source))
+        if size is None:
+            raise NotATraceError(f"{source.location}: no trace there (no zarr.json, no file)")
+        raise NotATraceError(f"{source.location}: neither a zarr v3 directory, a pack nor an "
+                             f"HDF5 file")
+    except BaseException:
+        source.close()
+        raise
 
 
 def format_from_suffix(path: str | os.PathLike[str], default: str = "zarr") -> str:
@@ -231,16 +296,21 @@ def create_backend(path: str | os.PathLike[str] | None, fmt: str) -> Backend:
         raise WriterError(f"cannot create {path}: {reason}") from exc
 
 
-def open_backend(path: str | os.PathLike[str], writable: bool = False) -> Backend:
-    """Open an existing trace, choosing the backend by magic bytes."""
-    fmt = detect_format(path)
-    if fmt == "zarr":
-        from ._zarr import ZarrBackend
+def open_backend(location: Any, writable: bool = False, **options: Any) -> Backend:
+    """Open an existing trace (a path, a URL or a Source), choosing the backend by its bytes.
+    ``options``: ``storage_options``, ``cache_dir``, ``cache_bytes`` for URLs."""
+    fmt, source, root = resolve(location, **options)
+    try:
+        if fmt == "zarr":
+            from ._zarr import ZarrBackend
 
-        return ZarrBackend.open(Path(path), writable=writable)
-    from ._hdf5 import HDF5Backend
+            return ZarrBackend.open(source, writable=writable, root=root)
+        from ._hdf5 import HDF5Backend
 
-    return HDF5Backend.open(Path(path), writable=writable)
+        return HDF5Backend.open(source, writable=writable)
+    except BaseException:
+        source.close()
+        raise
 
 
 def check_dtype(name: str, dtype: np.dtype) -> None:
@@ -252,49 +322,81 @@ def check_dtype(name: str, dtype: np.dtype) -> None:
         raise DisallowedCodecError(f"array {name!r} has disallowed data type {dtype}")
 
 
-def read_rows_direct(name: str, locate, start: int, stop: int, rows_per_chunk: int,
-                     row_shape: tuple[int, ...], dtype: np.dtype,
+def read_rows_direct(name: str, source: Any, locate, start: int, stop: int,
+                     rows_per_chunk: int, row_shape: tuple[int, ...], dtype: np.dtype,
                      verifier: Any = None) -> np.ndarray:
-    """Read rows ``start:stop`` of an uncompressed array whose chunks hold whole rows, with one
-    ``preadv`` per chunk straight into the result (no decode, no intermediate copy).
+    """Read rows ``start:stop`` of an uncompressed array whose chunks hold whole rows straight
+    into the result (no decode, no intermediate copy): one ranged read per chunk, served by
+    ``source`` (a :class:`~tracekit.storage._source.Source`) in one batch, concurrently where
+    it is remote.
 
-    ``locate(chunk_index)`` returns ``(fd, byte_offset, stored_size)`` or None for a chunk never
-    written (read as the fill value 0). A chunk of the wrong size is reported as truncated.
+    ``locate(chunk_index)`` returns ``(key, byte_offset, stored_size)`` (the size None where
+    only the read can tell), or None for a chunk never written (read as the fill value 0); so
+    is a key the source does not have. A chunk of the wrong size is reported as truncated.
     ``verifier`` (a ``ChunkVerifier``): chunks carry a checksum after their data; a chunk it
     has not checked yet is read whole once, checked, and the rows copied from it.
     """
-    from ..errors import CorruptTraceError
-
     out = np.empty((max(0, stop - start), *row_shape), dtype=dtype)
     if stop <= start:
         return out
     row_bytes = out[0].nbytes
     chunk_bytes = rows_per_chunk * row_bytes
+    stored = chunk_bytes + (verifier.trailer if verifier is not None else 0)
     flat = out.reshape(len(out), -1).view(np.uint8).reshape(len(out), row_bytes)
+    planned: list[tuple[Any, Any, np.ndarray, int | None]] = []
     for ci in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
         lo = max(start, ci * rows_per_chunk)
         hi = min(stop, (ci + 1) * rows_per_chunk)
-        where = locate(ci)
         target = flat[lo - start: hi - start]
-        if where is None:
+        first = (lo - ci * rows_per_chunk) * row_bytes
+        read, whole = _plan_chunk_read(name, ci, None, locate(ci), stored, first, target,
+                                       verifier)
+        if read is None:
             target[...] = 0
-            continue
-        fd, base, size = where
-        stored = chunk_bytes + (verifier.trailer if verifier is not None else 0)
-        if size != stored:
-            raise CorruptTraceError(f"array {name!r}: chunk {ci} has {size} bytes, expected "
-                                    f"{stored} (truncated or corrupt)")
-        whole = verifier.check_file(ci, fd, base) if verifier is not None else None
-        if whole is not None:
-            first = (lo - ci * rows_per_chunk) * row_bytes
-            target[...] = whole[first: first + target.nbytes].reshape(target.shape)
-            continue
-        want = target.nbytes
-        got = os.preadv(fd, [memoryview(target).cast("B")],
-                        base + (lo - ci * rows_per_chunk) * row_bytes)
-        if got != want:
-            raise CorruptTraceError(f"array {name!r}: chunk {ci} is truncated")
+        else:
+            planned.append((ci, read, target, first if whole else None))
+    _finish_reads(name, source, planned, verifier)
     return out
+
+
+def _plan_chunk_read(name: str, ci: int, key: Any, where: Any, stored: int, first: int,
+                     target: np.ndarray, verifier: Any) -> tuple[Any, bool]:
+    """The read for one chunk's part (``target``, at byte ``first`` of the chunk's data),
+    and whether it reads the whole chunk: it does when ``verifier`` has still to check it,
+    else it reads just that part."""
+    from ..errors import CorruptTraceError
+    from ._source import Read
+
+    if where is None:
+        return None, False
+    obj, base, size = where
+    if size is not None and size != stored:
+        which = ci if key is None else key
+        raise CorruptTraceError(f"array {name!r}: chunk {which} has {size} bytes, expected "
+                                f"{stored} (truncated or corrupt)")
+    whole = stored if size is None else None  # the object is the chunk: check its length
+    if verifier is not None and verifier.wants(ci, key):
+        return Read(obj, base, np.empty(stored, np.uint8), whole=whole), True
+    return Read(obj, base + first, target.reshape(-1), whole=whole), False
+
+
+def _finish_reads(name: str, source: Any, planned: list, verifier: Any) -> None:
+    """Fetch the planned reads in one batch, check the chunks read whole and copy their
+    rows; a chunk the source does not have reads as zeros."""
+    from ..errors import CorruptTraceError
+
+    if not planned:
+        return
+    try:
+        source.fetch([read for _, read, _, _ in planned])
+    except CorruptTraceError as exc:  # truncated, a link...: say which array
+        raise type(exc)(f"array {name!r}: {exc}") from exc
+    for ci, read, target, first in planned:
+        if not read.found:
+            target[...] = 0
+        elif first is not None:  # read whole: check it, then take the rows wanted
+            verifier.check_bytes(ci, read.out)
+            target[...] = read.out[first: first + target.nbytes].reshape(target.shape)
 
 
 def io_cause(exc: BaseException) -> str:
@@ -368,51 +470,45 @@ def tiled_key(key: tuple, shape: tuple[int, ...]) -> tuple[int, int, int, int, t
     return (*bounds[0], *bounds[1], finish)
 
 
-def read_tiles_direct(name: str, locate, rows: tuple[int, int], keys: tuple[int, int],
-                      tile: tuple[int, ...], dtype: np.dtype, verifier=None) -> np.ndarray:
+def read_tiles_direct(name: str, source: Any, locate, rows: tuple[int, int],
+                      keys: tuple[int, int], tile: tuple[int, ...], dtype: np.dtype,
+                      verifier=None) -> np.ndarray:
     """Read ``rows`` x every middle axis x ``keys`` of an uncompressed array chunked along its
-    first and last axes only (attention's position x key tiles): one ``preadv`` per tile of the
-    rows each tile holds of them, contiguous in the tile. A step (one row, every key) reads
-    one row of each key tile, not the whole tiles.
+    first and last axes only (attention's position x key tiles): one ranged read per tile of
+    the rows each tile holds of them, contiguous in the tile, all in one batch. A step (one
+    row, every key) reads one row of each key tile, not the whole tiles.
 
-    ``locate(row_chunk, key_chunk)`` returns ``(fd, byte_offset, stored_size)`` or None for a
-    tile never written (the fill value 0: above the diagonal of a causal trace).
+    ``locate(row_chunk, key_chunk)`` returns ``(key, byte_offset, stored_size)`` or None for
+    a tile never written (the fill value 0: above the diagonal of a causal trace).
     ``verifier`` (a ``ChunkVerifier``): tiles stored with a checksum after their bytes are
     read whole and checked the first time they are touched."""
-    from ..errors import CorruptTraceError
-
     (r0, r1), (k0, k1) = rows, keys
     tile_rows, tile_keys = tile[0], tile[-1]
     out = np.zeros((max(0, r1 - r0), *tile[1:-1], max(0, k1 - k0)), dtype=dtype)
     if r1 <= r0 or k1 <= k0:
         return out
     row_bytes = math.prod(tile[1:]) * dtype.itemsize
+    stored = tile_rows * row_bytes + (verifier.trailer if verifier is not None else 0)
+    planned, places = [], []
     for ci in range(r0 // tile_rows, (r1 - 1) // tile_rows + 1):
         lo, hi = max(r0, ci * tile_rows), min(r1, (ci + 1) * tile_rows)
         for kj in range(k0 // tile_keys, (k1 - 1) // tile_keys + 1):
-            where = locate(ci, kj)
-            if where is None:
+            buf = np.empty((hi - lo) * row_bytes, np.uint8)
+            first = (lo - ci * tile_rows) * row_bytes
+            read, whole = _plan_chunk_read(name, ci, (ci, kj), locate(ci, kj), stored, first,
+                                           buf, verifier)
+            if read is None:
                 continue  # zeros already
-            fd, base, size = where
-            trailer = verifier.trailer if verifier is not None else 0
-            if size != tile_rows * row_bytes + trailer:
-                raise CorruptTraceError(f"array {name!r}: chunk ({ci}, {kj}) has {size} bytes, "
-                                        f"expected {tile_rows * row_bytes + trailer} (truncated "
-                                        f"or corrupt)")
-            whole = (verifier.check_file(ci, fd, base, key=(ci, kj))
-                     if verifier is not None else None)
-            if whole is not None:  # checked just now: its rows come from what was read
-                buf = whole.view(dtype).reshape(tile_rows, *tile[1:])[
-                    lo - ci * tile_rows: hi - ci * tile_rows]
-            else:
-                buf = np.empty((hi - lo, *tile[1:]), dtype=dtype)
-                got = os.preadv(fd, [memoryview(buf.reshape(-1).view(np.uint8))],
-                                base + (lo - ci * tile_rows) * row_bytes)
-                if got != buf.nbytes:
-                    raise CorruptTraceError(f"array {name!r}: chunk ({ci}, {kj}) is truncated")
-            a, b = max(k0, kj * tile_keys), min(k1, (kj + 1) * tile_keys)
-            out[lo - r0: hi - r0, ..., a - k0: b - k0] = buf[..., a - kj * tile_keys:
-                                                              b - kj * tile_keys]
+            planned.append(((ci, kj), read, buf, first if whole else None))
+            places.append((lo, hi, kj, buf))
+    _finish_reads(name, source, planned, verifier)
+    for (_, read, _, _), (lo, hi, kj, buf) in zip(planned, places, strict=True):
+        if not read.found:
+            continue
+        tiles = buf.view(dtype).reshape(hi - lo, *tile[1:])
+        a, b = max(k0, kj * tile_keys), min(k1, (kj + 1) * tile_keys)
+        out[lo - r0: hi - r0, ..., a - k0: b - k0] = tiles[..., a - kj * tile_keys:
+                                                             b - kj * tile_keys]
     return out
 
 

@@ -261,24 +261,6 @@ class ChunkVerifier:
         return bool(self.kind) and (ci if key is None else key) not in self._done and (
             self.bound is None or (ci + 1) * self.chunk_rows <= self.bound)
 
-    def check_file(self, ci: int, fd: int, base: int, key: Any = None) -> np.ndarray | None:
-        """Verify chunk ``ci`` (leading index; ``key``: its full index where the array is
-        chunked along another axis too) stored raw at ``base`` of ``fd`` the first time it is
-        read; returns its data bytes when it read them, so the caller copies its rows from
-        them instead of reading again."""
-        if not self.wants(ci, key):
-            return None
-        import os
-
-        buf = np.empty(self.chunk_bytes + CHUNK_CHECKSUM_BYTES, dtype=np.uint8)
-        if os.preadv(fd, [buf], base) != len(buf):
-            from ..errors import CorruptTraceError
-
-            which = self.describe(ci if key is None else key)
-            raise CorruptTraceError(f"array {self.name!r}: chunk {which} is truncated")
-        self.check_bytes(ci if key is None else key, buf)
-        return buf[:-CHUNK_CHECKSUM_BYTES]
-
     def check_bytes(self, ci: Any, stored: np.ndarray | bytes) -> None:
         """Verify one stored chunk (its bytes with the trailing checksum); raise naming it."""
         from ..errors import CorruptTraceError

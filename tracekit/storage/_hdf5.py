@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..errors import (
     MetadataError,
     MissingArrayError,
     NotATraceError,
+    TraceError,
     TraceExistsError,
 )
 from ..format import ROOT_KEY
@@ -58,20 +60,26 @@ from ._hdf5_file import (  # noqa: F401  (re-exported: tests and callers import 
 from ._safety import check_encodable
 
 
+def _close_quietly(f: h5py.File) -> None:
+    with contextlib.suppress(*_H5_ERRORS, ValueError):
+        f.close()
+
+
 class HDF5Backend(Backend):
     format_name = "hdf5"
 
-    def __init__(self, path: Path, f: h5py.File, final_path: Path | None = None,
-                 read_only: bool = False) -> None:
+    def __init__(self, path: Path | None, f: h5py.File, final_path: Path | None = None,
+                 read_only: bool = False, source: Any = None) -> None:
         self.path = path
+        self.location = str(path) if source is None else source.location
         self._f = f
         self._final_path = final_path
         self._read_only = read_only
         self._ahead_fd: int | None = None  # writers: extends the file ahead of HDF5's flushes
         self._can_allocate = True
         self._cached = [0]  # bytes in HDF5's chunk caches, not flushed yet
-        # Readers also get a plain descriptor for direct row reads of uncompressed chunks.
-        self._fd = os.open(path, os.O_RDONLY) if read_only else None
+        # Readers read rows of uncompressed chunks straight from the file, through its source.
+        self._source = source
 
     @classmethod
     def create(cls, path: Path) -> HDF5Backend:
@@ -104,9 +112,17 @@ class HDF5Backend(Backend):
         return backend
 
     @classmethod
-    def open(cls, path: Path, writable: bool = False) -> HDF5Backend:
+    def open(cls, source: Any, writable: bool = False) -> HDF5Backend:
+        path, where = source.local_path, source.location
         try:
-            if writable:
+            if path is None:
+                if writable:
+                    raise TraceError(f"{where}: only a trace on this machine can be opened "
+                                     f"for writing")
+                # HDF5 reads the file through a file object over the source: aligned
+                # blocks, cached, one ranged request each.
+                f = h5py.File(source.open_file(""), "r")
+            elif writable:
                 f = h5py.File(path, "r+")
             else:
                 try:
@@ -119,16 +135,21 @@ class HDF5Backend(Backend):
                     _check_not_truncated(path)
                     f = _open_swmr_reader(path)
         except _H5_ERRORS as exc:
-            raise CorruptTraceError(f"{path}: HDF5 file cannot be opened ({exc})") from exc
+            raise CorruptTraceError(f"{where}: HDF5 file cannot be opened ({exc})") from exc
         try:
             has_meta = ROOT_KEY in f.attrs
         except _H5_ERRORS as exc:
             f.close()
-            raise CorruptTraceError(f"{path}: HDF5 root attributes unreadable ({exc})") from exc
+            raise CorruptTraceError(f"{where}: HDF5 root attributes unreadable ({exc})") from exc
         if not has_meta:
             f.close()
-            raise NotATraceError(f"{path}: HDF5 file without '{ROOT_KEY}' metadata")
-        return cls(path, f, read_only=not writable)
+            raise NotATraceError(f"{where}: HDF5 file without '{ROOT_KEY}' metadata")
+        backend = cls(path, f, read_only=not writable, source=None if writable else source)
+        if path is None:
+            # h5py must close a file it reads through a file object before that object goes:
+            # left to the interpreter's exit, the order is arbitrary and HDF5 crashes.
+            weakref.finalize(backend, _close_quietly, f)
+        return backend
 
     # -- metadata ---------------------------------------------------------------------------
     def read_root_meta(self) -> dict[str, Any]:
@@ -138,26 +159,26 @@ class HDF5Backend(Backend):
             if isinstance(atype, h5py.h5t.TypeStringID) and atype.is_variable_str():
                 # A variable-length string's storage size is that of its heap pointer, so its
                 # real size cannot be checked before reading it: only fixed-length is allowed.
-                raise MetadataError(f"{self.path}: metadata is a variable-length string; "
+                raise MetadataError(f"{self.location}: metadata is a variable-length string; "
                                     f"the format stores it as a fixed-length UTF-8 string")
             if attr_id.get_storage_size() > MAX_METADATA_BYTES:
-                raise MetadataError(f"{self.path}: metadata larger than {MAX_METADATA_BYTES} B")
+                raise MetadataError(f"{self.location}: metadata larger than {MAX_METADATA_BYTES} B")
             raw = self._f.attrs[ROOT_KEY]
         except KeyError as exc:
-            raise NotATraceError(f"{self.path}: no '{ROOT_KEY}' metadata") from exc
+            raise NotATraceError(f"{self.location}: no '{ROOT_KEY}' metadata") from exc
         except _H5_ERRORS as exc:
-            raise MetadataError(f"{self.path}: metadata unreadable ({exc})") from exc
+            raise MetadataError(f"{self.location}: metadata unreadable ({exc})") from exc
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace")
         if not isinstance(raw, str):
-            raise MetadataError(f"{self.path}: metadata attribute is not a JSON string")
+            raise MetadataError(f"{self.location}: metadata attribute is not a JSON string")
         try:
             meta = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-            raise MetadataError(f"{self.path}: metadata is not valid JSON ({exc})") from exc
+            raise MetadataError(f"{self.location}: metadata is not valid JSON ({exc})") from exc
         if not isinstance(meta, dict):
-            raise MetadataError(f"{self.path}: metadata is not a JSON object")
-        check_encodable(meta, raw.encode("utf-8", "replace"), str(self.path))
+            raise MetadataError(f"{self.location}: metadata is not a JSON object")
+        check_encodable(meta, raw.encode("utf-8", "replace"), self.location)
         return meta
 
     def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:
@@ -263,9 +284,9 @@ class HDF5Backend(Backend):
         tiled = (not filters and ds.chunks is not None and dtype.byteorder in ("<", "=", "|")
                  and ds.chunks[1:] != ds.shape[1:] and len(ds.shape) >= 2
                  and ds.chunks[1:-1] == ds.shape[1:-1])
-        return HDF5Array(name, ds, dims, fd=self._fd if raw else None,
+        return HDF5Array(name, ds, dims, source=self._source if raw else None,
                          writable=not self._read_only, raw=raw, checksum=checksum,
-                         cached=self._cached, tiled_fd=self._fd if tiled else None)
+                         cached=self._cached, tiled_source=self._source if tiled else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_streaming(self) -> None:
@@ -355,9 +376,9 @@ class HDF5Backend(Backend):
                 root.close()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
         # Closing flushes what HDF5 still holds: give it the space held for that. (A close
         # that fails leaves HDF5 half closed, and the next attempt, at the latest when the
         # interpreter exits, crashes inside HDF5.)

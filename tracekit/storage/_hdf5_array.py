@@ -33,17 +33,19 @@ from ._hdf5_file import _H5_ERRORS, _helper_pool, _unchecked_dxpl
 
 class HDF5Array(StoredArray):
     def __init__(self, name: str, ds: h5py.Dataset, dims: tuple[str, ...],
-                 fd: int | None = None, writable: bool = False, raw: bool = False,
+                 source: Any = None, writable: bool = False, raw: bool = False,
                  checksum: bool = False, cached: list[int] | None = None,
-                 tiled_fd: int | None = None) -> None:
+                 tiled_source: Any = None) -> None:
         self.name = name
         # Bytes written into HDF5's chunk cache since the last flush, shared by a writer's
         # arrays: the file space its next flush may need for them (see _cover_allocated).
         self._cached = cached if cached is not None else [0]
         self._ds = ds
         self.dims = dims
-        self._fd = fd  # set when rows can be read with plain file reads
-        self._tiled_fd = tiled_fd  # set when position x key tiles can be read that way
+        # The file's Source (key ''), set when rows can be read with plain ranged reads,
+        # and when position x key tiles can be read that way.
+        self._source = source
+        self._tiled_source = tiled_source
         self._tiles: dict[tuple[int, int], tuple[int, int]] | None = None
         self._raw_chunks = raw and writable  # whole chunks can be written as raw bytes
         self._writable = writable
@@ -105,7 +107,7 @@ class HDF5Array(StoredArray):
         if info.filter_mask:  # Fletcher-32 skipped: no checksum after the data
             raise CorruptTraceError(f"array {self.name!r}: chunk {offset} skips filters "
                                     f"(mask {info.filter_mask:#x})")
-        return self._fd, info.byte_offset, info.size
+        return "", info.byte_offset, info.size
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -141,24 +143,25 @@ class HDF5Array(StoredArray):
             self._ds.id.chunk_iter(add)
             self._tiles = tiles
         where = self._tiles.get((ci, kj))
-        return None if where is None else (self._tiled_fd, *where)
+        return None if where is None else ("", *where)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
-        tiled = tiled_key(key, self.shape) if self._tiled_fd is not None else None
+        tiled = tiled_key(key, self.shape) if self._tiled_source is not None else None
         if tiled is not None:
             r0, r1, k0, k1, finish = tiled
             try:
-                out = read_tiles_direct(self.name, self._locate_tile, (r0, r1), (k0, k1),
-                                        self._chunks, self._dtype)
+                out = read_tiles_direct(self.name, self._tiled_source, self._locate_tile,
+                                        (r0, r1), (k0, k1), self._chunks, self._dtype)
             except (*_H5_ERRORS, OSError) as exc:
                 raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
             return out[finish]
-        split = split_rows_key(key, self.shape) if self._fd is not None else None
+        split = split_rows_key(key, self.shape) if self._source is not None else None
         if split is not None:
             start, stop, rest, drop = split
             try:
-                rows = read_rows_direct(self.name, self._locate, start, stop, self._chunks[0],
-                                        self.shape[1:], self._dtype, self._verifier)
+                rows = read_rows_direct(self.name, self._source, self._locate, start, stop,
+                                        self._chunks[0], self.shape[1:], self._dtype,
+                                        self._verifier)
             except _H5_ERRORS as exc:
                 raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
             return rows[0][rest] if drop else rows[(slice(None), *rest)]

@@ -47,6 +47,9 @@ class Source(ABC):
     location: str = ""
     #: The local folder or file, when there is one (writers, and fd-based fast paths).
     local_path: Path | None = None
+    #: Every request costs a network round trip: backends then read one consolidated
+    #: metadata document instead of one per array.
+    remote: bool = False
 
     @abstractmethod
     def get(self, key: str, cap: int) -> bytes | None:
@@ -121,15 +124,24 @@ class LocalDirSource(Source):
                     self._dir_fd = open_dir(self.local_path)  # type: ignore[arg-type]
         return self._dir_fd
 
-    def _open(self, key: str) -> int | None:
+    def _open(self, key: str, folders_absent: bool = False) -> int | None:
+        """A descriptor of regular file ``key``; None when absent (and, with
+        ``folders_absent``, when it is a folder: not an object)."""
+        if not key.strip("/"):
+            return None  # the folder itself is not an object
         try:
             return open_beneath(self._dir(), key)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except FileNotFoundError:
             return None
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            if folders_absent:
+                return None
+            raise CorruptTraceError(f"{key} is not a regular file "
+                                    f"({os.strerror(exc.errno or 0)})") from exc
         except LinkError:
             raise
         except OSError as exc:
-            raise CorruptTraceError(f"{self.describe(key)} is unreadable "
+            raise CorruptTraceError(f"{key} is unreadable "
                                     f"({os.strerror(exc.errno or 0)})") from exc
 
     def get(self, key: str, cap: int) -> bytes | None:
@@ -158,7 +170,7 @@ class LocalDirSource(Source):
                 os.close(fd)
 
     def size(self, key: str) -> int | None:
-        fd = self._open(key)
+        fd = self._open(key, folders_absent=True)
         if fd is None:
             return None
         try:

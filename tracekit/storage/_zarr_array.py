@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from . import (
     tiled_key,
 )
 from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, read_verified
-from ._safety import LinkError, open_beneath, open_dir
 from ._zarr_checksums import has_crc32c, verify_chunk_files
 from ._zarr_meta import (
     _CHECKED_CODECS,
@@ -50,9 +48,10 @@ class ZarrArray(StoredArray):
     ``zarr.json``; zarr-python opens the array only for what tracekit does not do itself
     (compressed chunks, partial rows), so opening and laying out a trace stay cheap."""
 
-    def __init__(self, name: str, folder: Path, meta: dict[str, Any], store: Any,
-                 writable: bool) -> None:
+    def __init__(self, name: str, folder: Path | None, meta: dict[str, Any], store: Any,
+                 writable: bool, source: Any) -> None:
         self.name = name
+        self._source = source  # where reads come from (see ``_source``)
         self.dims = tuple(meta["dimension_names"])
         self._folder = folder
         self._meta = meta
@@ -72,15 +71,14 @@ class ZarrArray(StoredArray):
                                        lambda c: self._chunk_path(*c).name if isinstance(c, tuple)
                                        else self._chunk_path(c).name)
         self._crc = RunningCrc()  # writers: CRC of each chunk's rows written so far
-        self._dir_fd: int | None = None  # the folder's descriptor, for direct reads
 
-    def relocate(self, folder: Path, store: Any) -> None:
+    def relocate(self, folder: Path, store: Any, source: Any) -> None:
         """The trace was moved (from its temporary name to its final one)."""
         self._folder = folder
         self._store = store
+        self._source = source
         self._zarr = None
         self._made_dirs = set()
-        self._dir_fd = None  # the old one is closed when this array is collected
 
     def _open_zarr(self, codecs: dict[str, str]) -> zarr.Array:
         try:
@@ -99,19 +97,10 @@ class ZarrArray(StoredArray):
             self._zarr = self._open_zarr(_CHECKED_CODECS)
         return self._zarr
 
-    def _locate(self, ci: int, last: int = 0):
-        # Relative to the array's folder, without following links, regular files only.
-        if self._dir_fd is None:
-            self._dir_fd = open_dir(self._folder)
-            weakref.finalize(self, os.close, self._dir_fd)
-        try:
-            fd = open_beneath(self._dir_fd, chunk_key(self._meta, self._chunk_index(ci, last)))
-        except FileNotFoundError:
-            return None
-        except LinkError as exc:
-            raise CorruptTraceError(f"array {self.name!r}: chunk {exc}") from exc
-        self._open_fds.append(fd)
-        return fd, 0, os.fstat(fd).st_size
+    def _locate(self, ci: int, last: int = 0) -> tuple[str, int, None]:
+        """Chunk ``ci`` (and ``last`` along the last axis) as the source's key; whether it
+        exists and how long it is, the read finds out (one request, not two)."""
+        return f"{self.name}/{chunk_key(self._meta, self._chunk_index(ci, last))}", 0, None
 
     def verify_below(self, rows: int | None) -> None:
         self._verifier.bound = rows
@@ -122,9 +111,8 @@ class ZarrArray(StoredArray):
         counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
         if rows is not None and counts:
             counts[0] = min(counts[0], rows // self.chunks[0])
-        keys = (chunk_key(self._meta, idx) for idx in itertools.product(*map(range, counts)))
-        return verify_chunk_files(self.name, self._folder, keys,
-                                  self._verifier.chunk_bytes)
+        keys = [chunk_key(self._meta, idx) for idx in itertools.product(*map(range, counts))]
+        return verify_chunk_files(self.name, self._source, keys, self._verifier.chunk_bytes)
 
     def _read_unchecked(self, key: tuple) -> np.ndarray:
         """Read with a crc32c codec that strips the checksum without checking it."""
@@ -162,15 +150,12 @@ class ZarrArray(StoredArray):
         split = split_rows_key(key, self.shape) if self._direct_rows else None
         if split is not None:
             start, stop, rest, drop = split
-            self._open_fds: list[int] = []
             try:
-                rows = read_rows_direct(self.name, self._locate, start, stop, self.chunks[0],
-                                        self.shape[1:], self.dtype, self._verifier)
+                rows = read_rows_direct(self.name, self._source, self._locate, start, stop,
+                                        self.chunks[0], self.shape[1:], self.dtype,
+                                        self._verifier)
             except OSError as exc:
                 raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
-            finally:
-                for fd in self._open_fds:
-                    os.close(fd)
             return rows[0][rest] if drop else rows[(slice(None), *rest)]
         return read_verified(self, key, self._verifier, lambda k: self._read_with(self._arr, k),
                              self._read_unchecked)
@@ -178,15 +163,11 @@ class ZarrArray(StoredArray):
     def _read_tiles(self, r0: int, r1: int, k0: int, k1: int, finish: tuple) -> np.ndarray:
         """Rows and keys of an array chunked along both (attention), read from the tiles'
         files directly: a step reads one row of each key tile, not whole tiles."""
-        self._open_fds = []
         try:
-            out = read_tiles_direct(self.name, self._locate, (r0, r1), (k0, k1), self.chunks,
-                                    self.dtype.newbyteorder("<"), self._verifier)
+            out = read_tiles_direct(self.name, self._source, self._locate, (r0, r1), (k0, k1),
+                                    self.chunks, self.dtype.newbyteorder("<"), self._verifier)
         except OSError as exc:
             raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
-        finally:
-            for fd in self._open_fds:
-                os.close(fd)
         return out[finish]
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
@@ -344,11 +325,19 @@ class ZarrArray(StoredArray):
     def missing_chunks(self, rows: int, expected=None) -> list[str]:
         counts = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
         counts[0] = math.ceil(rows / self.chunks[0]) if self.shape else 0
-        missing = []
-        for idx in itertools.product(*(range(n) for n in counts)):
-            if expected is not None and not expected(idx):
-                continue
-            key = chunk_key(self._meta, idx)
-            if not (self._folder / key).is_file():
-                missing.append(key)
-        return missing
+        keys = [chunk_key(self._meta, idx) for idx in itertools.product(*(range(n) for n in counts))
+                if expected is None or expected(idx)]
+        full = [f"{self.name}/{key}" for key in keys]
+        try:
+            sizes = self._source.sizes(full)
+        except CorruptTraceError:  # a link or a FIFO among them: there, but not a chunk
+            sizes = [self._size_or_bad(k) for k in full]
+        return [key for key, size in zip(keys, sizes, strict=True) if size is None]
+
+    def _size_or_bad(self, key: str) -> int | None:
+        """The size of object ``key``; -1 for one that is there but not a regular file
+        (reading it says what it is)."""
+        try:
+            return self._source.size(key)
+        except CorruptTraceError:
+            return -1

@@ -4,9 +4,7 @@ spec section 5), and a check of every stored chunk file (``validate --deep``).""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +14,7 @@ import zarr.registry
 
 from ..errors import CorruptTraceError
 from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier
-from ._safety import open_file, read_fd_capped
+from ._source import Read
 
 
 class UncheckedCrc32cCodec(zarr.codecs.Crc32cCodec):
@@ -42,37 +40,51 @@ def has_crc32c(meta: dict[str, Any]) -> bool:
             and codecs[-1].get("name") == "crc32c")
 
 
-def verify_chunk_files(name: str, folder: Path, keys: Iterable[str],
+def verify_chunk_files(name: str, source: Any, keys: Sequence[str],
                        chunk_bytes: int) -> list[str]:
-    """Check the crc32c of each stored chunk file among ``keys`` (absent ones are skipped);
-    one line per chunk that fails. A file far larger than its chunk (compressed chunks of
-    random bytes grow by a few bytes at most) is reported unread."""
+    """Check the crc32c of each stored chunk of array ``name`` among ``keys`` (absent ones are
+    skipped), read from ``source`` a batch at a time; one line per chunk that fails. A chunk
+    far larger than its chunk (compressed chunks of random bytes grow by a few bytes at
+    most) is reported unread."""
     problems = []
     check = ChunkVerifier(name, "crc32c", 1, 0, str)
     limit = 2 * chunk_bytes + (1 << 16) + CHUNK_CHECKSUM_BYTES
-    for key in keys:
+    batch = max(1, (64 << 20) // max(1, limit))  # about 64 MiB in flight at once
+    for at in range(0, len(keys), batch):
+        part = keys[at: at + batch]
         try:
-            # Beneath the array's folder, never through a link, regular files only.
-            fd = open_file(folder, key)
-        except FileNotFoundError:
+            sizes = source.sizes([f"{name}/{key}" for key in part])
+        except CorruptTraceError as exc:  # a link, a FIFO...: find which, one by one
+            if len(part) == 1:
+                problems.append(str(exc))
+            else:
+                for key in part:
+                    problems += verify_chunk_files(name, source, [key], chunk_bytes)
             continue
-        except CorruptTraceError as exc:
-            problems.append(str(exc))
-            continue
-        except OSError as exc:
-            problems.append(f"array {name!r}: chunk {key} unreadable ({exc})")
-            continue
-        try:
-            data = read_fd_capped(fd, limit)
-            if data is None:
+        reads, which = [], []
+        for key, size in zip(part, sizes, strict=True):
+            if size is None:
+                continue
+            if size > limit:
                 problems.append(f"array {name!r}: chunk {key} has more bytes than a chunk of "
                                 f"{chunk_bytes} can take")
                 continue
-            check.check_bytes(key, np.frombuffer(data, dtype=np.uint8))
-        except CorruptTraceError as exc:
-            problems.append(str(exc))
-        except OSError as exc:
-            problems.append(f"array {name!r}: chunk {key} unreadable ({exc})")
-        finally:
-            os.close(fd)
+            reads.append(Read(f"{name}/{key}", 0, np.empty(size, np.uint8), whole=size))
+            which.append(key)
+        try:
+            source.fetch(reads)
+        except CorruptTraceError as exc:  # one unreadable chunk: check them one by one
+            if len(reads) == 1:
+                problems.append(f"array {name!r}: chunk {which[0]} unreadable ({exc})")
+                continue
+            for key in which:
+                problems += verify_chunk_files(name, source, [key], chunk_bytes)
+            continue
+        for key, read in zip(which, reads, strict=True):
+            if not read.found:
+                continue
+            try:
+                check.check_bytes(key, read.out)
+            except CorruptTraceError as exc:
+                problems.append(str(exc))
     return problems

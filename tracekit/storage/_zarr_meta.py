@@ -22,10 +22,11 @@ from ..errors import (
     CorruptTraceError,
     DisallowedCodecError,
     MetadataError,
+    MissingArrayError,
 )
 from ..format import ROOT_KEY
 from . import MAX_METADATA_BYTES
-from ._safety import check_encodable, read_capped
+from ._safety import LinkError, check_encodable
 from ._zarr_checksums import (
     CHECKED_CRC32C,
     UNCHECKED_CRC32C,
@@ -37,10 +38,14 @@ ALLOWED_CODECS = frozenset(
 )
 
 
-def _read_json(root: Path, rel: str, what: str) -> dict[str, Any]:
-    """The JSON object in file ``rel`` of the trace folder ``root``: read without following
-    links, from a regular file only, at most MAX_METADATA_BYTES (see ``_safety``)."""
-    raw = read_capped(root, rel, MAX_METADATA_BYTES, what)
+def _read_json(source: Any, rel: str, what: str) -> dict[str, Any]:
+    """The JSON object at key ``rel`` of a trace's ``source``: at most MAX_METADATA_BYTES,
+    from a regular file only where the source is a folder (see ``_safety``)."""
+    return _parse_json(_read_document(source, rel, what), rel, what)
+
+
+def _parse_json(raw: bytes, rel: str, what: str) -> dict[str, Any]:
+    """The JSON object in document ``rel`` (``raw``, at most MAX_METADATA_BYTES)."""
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
@@ -49,6 +54,20 @@ def _read_json(root: Path, rel: str, what: str) -> dict[str, Any]:
         raise MetadataError(f"{what}: {rel} is not a JSON object")
     check_encodable(obj, raw, what)
     return obj
+
+
+def _read_document(source: Any, rel: str, what: str) -> bytes:
+    """The bytes of metadata document ``rel``; MissingArrayError when absent,
+    MetadataError when unreadable or over the limit."""
+    try:
+        raw = source.get(rel, MAX_METADATA_BYTES)
+    except LinkError as exc:
+        raise MetadataError(f"{what}: {exc}") from exc
+    except CorruptTraceError as exc:  # over the limit, not a regular file, unreadable
+        raise MetadataError(f"{what}: {exc}") from exc
+    if raw is None:
+        raise MissingArrayError(f"{what}: {rel} is missing")
+    return raw
 
 
 def _check_codecs(name: str, codecs: Any) -> None:
