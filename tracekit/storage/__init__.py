@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NotATraceError, RemoteError, TraceError, WriterError
+from ..errors import CorruptTraceError, NotATraceError, RemoteError, TraceError, WriterError
+from ._source import Read
 
 #: Stored (physical) dtypes any backend may hold. Everything else is refused on open.
 ALLOWED_DTYPES = frozenset(
@@ -364,9 +365,6 @@ def _plan_chunk_read(name: str, ci: int, key: Any, where: Any, stored: int, firs
     """The read for one chunk's part (``target``, at byte ``first`` of the chunk's data),
     and whether it reads the whole chunk: it does when ``verifier`` has still to check it,
     else it reads just that part."""
-    from ..errors import CorruptTraceError
-    from ._source import Read
-
     if where is None:
         return None, False
     obj, base, size = where
@@ -383,8 +381,6 @@ def _plan_chunk_read(name: str, ci: int, key: Any, where: Any, stored: int, firs
 def _finish_reads(name: str, source: Any, planned: list, verifier: Any) -> None:
     """Fetch the planned reads in one batch, check the chunks read whole and copy their
     rows; a chunk the source does not have reads as zeros."""
-    from ..errors import CorruptTraceError
-
     if not planned:
         return
     try:

@@ -95,6 +95,21 @@ def open_beneath(dir_fd: int, rel: str) -> int:
     return fd
 
 
+def open_dir_beneath(dir_fd: int, rel: str) -> int:
+    """Open folder ``rel`` beneath the folder ``dir_fd`` without following any link (each
+    component with ``O_NOFOLLOW``); LinkError for a link, FileNotFoundError when absent."""
+    parts = [p for p in rel.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise CorruptTraceError(f"{rel!r} is not a path inside the trace")
+    at = dir_fd
+    for i, part in enumerate(parts):
+        nxt = _open_step(part, _DIR_FLAGS, at, rel)
+        if i:
+            os.close(at)
+        at = nxt
+    return at
+
+
 def open_file(root: Path, rel: str) -> int:
     """``open_beneath`` from a trace folder given by path."""
     dfd = open_dir(root)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CorruptTraceError
-from ._safety import LinkError, open_beneath, open_dir, read_fd_capped
+from ._safety import LinkError, open_beneath, open_dir, open_dir_beneath, read_fd_capped
 
 
 @dataclass(eq=False)
@@ -114,23 +114,34 @@ class LocalDirSource(Source):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.local_path = Path(root)
         self.location = str(self.local_path)
-        self._dir_fd: int | None = None
+        # Descriptors of the trace's folder ('') and of the folders files were opened in
+        # (an array's), each opened once without following links: a chunk read then opens
+        # just its file.
+        self._folders: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _dir(self) -> int:
-        if self._dir_fd is None:
+    def _folder(self, rel: str) -> int:
+        fd = self._folders.get(rel)
+        if fd is None:
             with self._lock:
-                if self._dir_fd is None:
-                    self._dir_fd = open_dir(self.local_path)  # type: ignore[arg-type]
-        return self._dir_fd
+                fd = self._folders.get(rel)
+                if fd is None:
+                    if rel:
+                        fd = open_dir_beneath(self._folder(""), rel)
+                    else:
+                        fd = open_dir(self.local_path)  # type: ignore[arg-type]
+                    self._folders[rel] = fd
+        return fd
 
     def _open(self, key: str, folders_absent: bool = False) -> int | None:
         """A descriptor of regular file ``key``; None when absent (and, with
         ``folders_absent``, when it is a folder: not an object)."""
         if not key.strip("/"):
             return None  # the folder itself is not an object
+        parent, _, name = key.rpartition("/")
         try:
-            return open_beneath(self._dir(), key)
+            return open_beneath(self._folder(parent), name) if parent and name else (
+                open_beneath(self._folder(""), key))
         except FileNotFoundError:
             return None
         except (IsADirectoryError, NotADirectoryError) as exc:
@@ -186,9 +197,9 @@ class LocalDirSource(Source):
 
     def close(self) -> None:
         with self._lock:
-            if self._dir_fd is not None:
-                os.close(self._dir_fd)
-                self._dir_fd = None
+            for fd in self._folders.values():
+                os.close(fd)
+            self._folders.clear()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
