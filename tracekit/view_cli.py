@@ -83,7 +83,7 @@ def view(trace: Path, step: int | None, layer: int | None, head: str, token: int
     render = _viewer_module("render")
     dims = render.parse_size(size)
     source_mod = _viewer_module("source")
-    probe = source_mod.TraceSource(trace, prefetch=False)
+    probe = source_mod.TraceSource(trace)
     try:
         state = render.viewer_state(probe, step=step, layer=layer, head=head, token=token,
                                     view=view_name, metric=metric, top_k=top_k,
