@@ -398,7 +398,7 @@ class CityViewer:
         self.caption.SetVisibility(not self.controls)
         # a step still being read, or a read that failed: one line over the city's top edge,
         # under the status (boxed, so it stands out over whatever is drawn behind it)
-        self.loading_mark = self._text(ren, (0.5, 0.80), size=self._fs(15), align="center",
+        self.loading_mark = self._text(ren, (0.5, 0.80), size=self._fs(18), align="center",
                                        valign="top")
         prop = self.loading_mark.GetTextProperty()
         prop.SetBold(True)
@@ -540,8 +540,14 @@ class CityViewer:
             text, rgb = loading_text(self.loading, self.source.n_steps), LOADING_RGB
         else:
             text, rgb = self.read_error or "", ERROR_RGB
-        self.loading_mark.SetInput(text)
+        # as much of the line as fits across the city's view (a URL can be long)
+        vx0, _, vx1, _ = self.city_renderer.GetViewport()
+        fit = max(20, int((vx1 - vx0) * self.plotter.window_size[0] / (0.5 * self._fs(18))) - 4)
+        if len(text) > fit:
+            text = text[: fit - 3] + "..."
+        self.loading_mark.SetInput(f"  {text}  " if text else "")  # (room inside the box)
         self.loading_mark.GetTextProperty().SetColor(*rgb)
+        self.loading_mark.GetTextProperty().SetFrameColor(*rgb)
         self.loading_mark.SetVisibility(bool(text))
         if self.widgets:
             self._sync_widgets()  # the slider follows the step asked for

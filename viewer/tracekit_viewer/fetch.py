@@ -196,7 +196,7 @@ class FrameFetcher:
         except _Superseded:
             return
         except Exception as exc:  # noqa: BLE001 - shown in the window, which stays up
-            if not isinstance(exc, tracekit.TraceError):  # a bug, not the store: say where
+            if not isinstance(exc, (tracekit.TraceError, OSError)):  # a bug: say where
                 traceback.print_exc(file=sys.stderr)
             result = Fetched(state, None, describe_error(exc))
         with self._cond:

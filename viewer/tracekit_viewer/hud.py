@@ -72,5 +72,6 @@ def loading_text(step: int, n_steps: int) -> str:
 
 
 def error_text(step: int, message: str) -> str:
-    """The one line shown when reading a step failed (the window stays up)."""
-    return f"step {step} could not be read: {message}   (r: try again)"
+    """The one line shown when reading a step failed (the window stays up); the key to try
+    again comes first, so that cutting a long message to the window's width keeps it."""
+    return f"step {step} could not be read (r: try again): {message}"
