@@ -4,13 +4,12 @@ network) is read on the fetch thread, while the window keeps the last frame with
 within the cache budget; a read that fails says so in one line and the window carries on.
 
 The slow trace is a real trace behind a storage backend that sleeps before each array read
-(and counts them), opened with ``tracekit.open(backend)``: what a remote store will look like
-to the viewer.
+(and notes them), :func:`tracekit_viewer.slowstore.open_slow`: what a remote store will look
+like to the viewer.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -18,90 +17,13 @@ import numpy as np
 import pytest
 from tracekit_viewer.app import LOADING_RGB, CityViewer
 from tracekit_viewer.fetch import PREFETCH_STEPS
+from tracekit_viewer.slowstore import Latency, open_slow
 from tracekit_viewer.state import ViewState
 from tracekit_viewer.synthetic import write_synthetic_trace
 
-import tracekit
 from tracekit.errors import TraceError
-from tracekit.storage import Backend, StoredArray, open_backend
 
 SIZE = (480, 360)
-
-
-class Network:
-    """What the slow store does on every array read: wait ``delay`` seconds, note the read,
-    raise ``failure`` when set."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0
-        self.failure: Exception | None = None
-        self.reads: list[tuple[str, tuple]] = []
-        self._lock = threading.Lock()
-
-    def read(self, name: str, key: tuple) -> None:
-        with self._lock:
-            self.reads.append((name, key))
-        if self.failure is not None:
-            raise self.failure
-        time.sleep(self.delay)
-
-    def positions_read(self, name: str) -> set[int]:
-        """Positions of single-position reads of ``name`` (a token's own vectors)."""
-        with self._lock:
-            return {int(k[0]) for n, k in self.reads if n == name and isinstance(k[0], int)}
-
-
-class SlowArray(StoredArray):
-    def __init__(self, inner: StoredArray, network: Network) -> None:
-        self._inner, self._network = inner, network
-        self.name, self.dims = inner.name, inner.dims
-        self.checksum = inner.checksum
-
-    shape = property(lambda self: self._inner.shape)
-    dtype = property(lambda self: self._inner.dtype)
-    chunks = property(lambda self: self._inner.chunks)
-    attrs = property(lambda self: self._inner.attrs)
-
-    def __getitem__(self, key: tuple) -> np.ndarray:
-        self._network.read(self.name, key)
-        return self._inner[key]
-
-    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
-        raise TraceError("read-only")
-
-    def resize(self, shape: tuple[int, ...]) -> None:
-        raise TraceError("read-only")
-
-    def verify_below(self, rows: int | None) -> None:
-        self._inner.verify_below(rows)
-
-
-class SlowBackend(Backend):
-    """A read-only backend over another whose array reads go through ``network``."""
-
-    format_name = "slow"
-
-    def __init__(self, inner: Backend, network: Network) -> None:
-        self._inner, self._network = inner, network
-        self.path = inner.path
-
-    def read_root_meta(self) -> dict[str, Any]:
-        return self._inner.read_root_meta()
-
-    def write_root_meta(self, meta: dict[str, Any], capacity: int | None = None) -> None:
-        raise TraceError("read-only")
-
-    def create_array(self, *args: Any, **kwargs: Any) -> StoredArray:
-        raise TraceError("read-only")
-
-    def array_names(self) -> list[str]:
-        return self._inner.array_names()
-
-    def get_array(self, name: str, dims: tuple[str, ...] | None = None) -> StoredArray:
-        return SlowArray(self._inner.get_array(name, dims=dims), self._network)
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +35,14 @@ def long_trace(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def network() -> Network:
-    return Network()
+def network() -> Latency:
+    return Latency()
 
 
-def slow_viewer(path: str, network: Network, step: int = 0, **kw: Any) -> CityViewer:
+def slow_viewer(path: str, network: Latency, step: int = 0, **kw: Any) -> CityViewer:
     """A viewer in background mode (as in the window) over ``path`` behind ``network``; the
     first frame is read at full speed."""
-    trace = tracekit.open(SlowBackend(open_backend(path), network))
+    trace = open_slow(path, network)
     kw = {"prefetch": False, "window_size": SIZE, **kw}
     viewer = CityViewer(trace, state=ViewState(step=step), off_screen=True, background=True,
                         **kw)
@@ -203,7 +125,7 @@ def test_scrubbing_fast_reads_only_the_step_it_lands_on(long_trace, network):
     v = slow_viewer(long_trace, network, step=0)
     try:
         network.delay = 0.03
-        network.reads.clear()
+        network.clear()
         t0 = time.perf_counter()
         for step in range(1, 101):  # a hundred steps, faster than one of them can be read
             v.set_step(step)
@@ -232,7 +154,7 @@ def test_the_next_steps_are_prefetched_while_paused(long_trace, network):
         v.finish_loading(60)
         assert v.fetcher.idle(60)
         assert v.fetcher.prefetched == list(range(31, 31 + PREFETCH_STEPS))
-        network.reads.clear()
+        network.clear()
         for step in range(31, 31 + PREFETCH_STEPS):  # stepping on shows each at once
             v.set_step(step)
             assert v.loading is None and v.frame.city.step == step
