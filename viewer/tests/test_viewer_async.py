@@ -23,6 +23,8 @@ from tracekit_viewer.synthetic import write_synthetic_trace
 
 from tracekit.errors import TraceError
 
+from .test_viewer_interaction import _box_centre, _display
+
 SIZE = (480, 360)
 
 
@@ -117,6 +119,13 @@ def test_a_slow_step_loads_in_the_background_and_matches_the_synchronous_frame(
         v.state.step = 5
         fr = v.update(wait=True)
         assert fr is not None and fr.city.step == 5 and v.loading is None
+        # hovering reads nothing on the window's thread: a value not cached says so
+        v.screenshot()
+        x, y = _display(v.city_renderer, _box_centre(v, 2, 6))
+        assert v.hover(x, y).text.startswith("token 6 ' because'   L2   residual norm")
+        v.source.cache.clear()
+        network.clear()
+        assert v.hover(x + 1, y).text == "(not read yet)" and network.reads == []
     finally:
         close(v)
 
