@@ -237,3 +237,24 @@ def test_a_read_error_shows_in_one_line_and_the_step_can_be_read_again(exact_tra
         assert v.finish_loading(30).city.step == 6 and v.read_error is None
     finally:
         close(v)
+
+
+def test_a_vocabulary_that_timed_out_is_read_again(tmp_path, network):
+    """A time-out while reading the vocabulary fails the frame (to be read again), rather
+    than leaving every prediction as a bare id for good, as a corrupt vocabulary does."""
+    from tracekit_viewer.source import TraceSource
+    from tracekit_viewer.synthetic import WORDS
+
+    path = write_synthetic_trace(tmp_path / "vocab.zarr", n_layers=2, n_positions=8, d_model=8,
+                                 n_heads=2, prompt_length=4, vocab=True)
+    trace = open_slow(path, network)
+    src = TraceSource(trace)
+    try:
+        network.failure = TraceError("timed out after 30 s reading vocab_bytes/c/0")
+        with pytest.raises(TraceError, match="timed out"):
+            src.id_text(10)
+        network.failure = None
+        assert src.id_text(10) == repr(WORDS[10])
+    finally:
+        src.close()
+        trace.close()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import tracekit
+from tracekit.errors import CorruptTraceError, DisallowedCodecError, MissingArrayError
 from tracekit.format import decode_token_text
 
 from .scene import combine_heads, sparse_rows_to_dense
@@ -263,8 +264,11 @@ class TraceSource:
             self._before_read("vocab")
             with self._read_lock:
                 if not self._vocab_tried:
-                    # A vocabulary that does not read (corrupt) leaves the ids as they are.
-                    with contextlib.suppress(tracekit.TraceError):
+                    # A corrupt vocabulary leaves the ids as they are, for good; a read that
+                    # failed otherwise (a time-out on a network) fails this frame, which is
+                    # read again later.
+                    with contextlib.suppress(CorruptTraceError, DisallowedCodecError,
+                                             MissingArrayError):
                         self._vocab = self.trace.vocab
                     self._vocab_tried = True
         return self._vocab
