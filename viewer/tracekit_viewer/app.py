@@ -146,6 +146,7 @@ class CityViewer(PanelViews):
         self.panels = panels
         self.off_screen = off_screen
         self.controls = controls
+        self.state = self._normalized(state or ViewState(step=self.source.n_steps - 1))
         self.background = (not off_screen) if background is None else bool(background)
         self.fetcher: FrameFetcher | None = None
         if self.background or prefetch:
@@ -154,7 +155,6 @@ class CityViewer(PanelViews):
         self.loading: int | None = None  # the step being read in the background
         self.read_error: str | None = None  # the last background read that failed, one line
         self._direction = 1  # which way the steps last moved: where to prefetch
-        self.state = self._normalized(state or ViewState(step=self.source.n_steps - 1))
         self.frame: Frame | None = None
         self.last_pick = PickInfo("none")
         self._city_lut = lut(CITY_CMAP)
