@@ -91,7 +91,7 @@ def view(trace: Path | str, step: int | None, layer: int | None, head: str,
     from .reader import open_or_error
 
     with open_or_error(trace, **remote) as opened:
-        probe = source_mod.TraceSource(opened, prefetch=False)
+        probe = source_mod.TraceSource(opened)
         try:
             state = render.viewer_state(probe, step=step, layer=layer, head=head, token=token,
                                         view=view_name, metric=metric, top_k=top_k,

@@ -21,7 +21,7 @@ LAYOUT = CityLayout(min_height=0.0, max_height=2.0)
 
 @pytest.fixture
 def source(exact_trace):
-    s = TraceSource(exact_trace, prefetch=False)
+    s = TraceSource(exact_trace)
     yield s
     s.close()
 
@@ -83,8 +83,8 @@ def test_arcs_match_the_known_attention(source, heads):
 
 
 def test_scrubbing_backwards_gives_the_same_frame_as_going_there(exact_trace):
-    a = TraceSource(exact_trace, prefetch=False)
-    b = TraceSource(exact_trace, prefetch=False)
+    a = TraceSource(exact_trace)
+    b = TraceSource(exact_trace)
     try:
         st = ViewState(traced=2, focus=1)
         for s in (6, 5, 1, 3, 0, 6, 2):  # source a scrubs around
@@ -138,7 +138,7 @@ def test_prediction_labels_are_quoted_text_or_the_id() -> None:
 def test_predictions_show_text_from_the_stored_vocabulary(tmp_path, vocab: bool) -> None:
     path = write_synthetic_trace(tmp_path / "t.zarr", n_layers=3, n_positions=10, d_model=8,
                                  n_heads=2, prompt_length=4, vocab=vocab)
-    s = TraceSource(path, prefetch=False)
+    s = TraceSource(path)
     try:
         tok = compute_frame(s, ViewState(step=6, traced=9), LAYOUT).token
         # Position 9 predicts ids 10, 11, ...: words that never occur in the 10 positions,
@@ -160,7 +160,7 @@ def test_a_traced_token_not_yet_computed_is_not_shown(source):
 def test_attention_panel_earlier_column_when_the_window_scrolls(tmp_path):
     path = write_synthetic_trace(tmp_path / "long.zarr", n_layers=2, n_positions=60,
                                  d_model=8, n_heads=2, values="exact")
-    src = TraceSource(path, prefetch=False)
+    src = TraceSource(path)
     try:
         fr = compute_frame(src, ViewState(step=src.n_steps - 1, heads=0), LAYOUT)
         att = fr.attention
@@ -175,8 +175,8 @@ def test_attention_panel_earlier_column_when_the_window_scrolls(tmp_path):
 
 
 def test_hdf5_and_zarr_show_the_same_frame(exact_trace, exact_trace_h5):
-    a = TraceSource(exact_trace, prefetch=False)
-    b = TraceSource(exact_trace_h5, prefetch=False)
+    a = TraceSource(exact_trace)
+    b = TraceSource(exact_trace_h5)
     try:
         st = ViewState(step=5, traced=1)
         fa, fb = compute_frame(a, st, LAYOUT), compute_frame(b, st, LAYOUT)
@@ -193,7 +193,7 @@ def test_hdf5_and_zarr_show_the_same_frame(exact_trace, exact_trace_h5):
 def test_any_array_may_be_missing(tmp_path, captured):
     path = write_synthetic_trace(tmp_path / "partial.zarr", n_layers=2, n_positions=6,
                                  d_model=8, n_heads=2, values="exact", captured=captured)
-    src = TraceSource(path, prefetch=False)
+    src = TraceSource(path)
     try:
         fr = compute_frame(src, ViewState(step=2, traced=1, metric="residual"), LAYOUT)
         assert fr.city.values.shape == (2, 6)
@@ -219,7 +219,7 @@ def test_block_cache_is_bounded_and_least_recently_used_goes_first():
 
 
 def test_scrubbing_keeps_the_cache_within_its_budget(exact_trace):
-    src = TraceSource(exact_trace, cache_bytes=20_000, prefetch=False)
+    src = TraceSource(exact_trace, cache_bytes=20_000)
     try:
         rng = np.random.default_rng(0)
         for s in rng.integers(0, src.n_steps, 30):
@@ -231,15 +231,21 @@ def test_scrubbing_keeps_the_cache_within_its_budget(exact_trace):
 
 
 def test_prefetch_warms_the_cache_for_the_next_steps(exact_trace):
-    src = TraceSource(exact_trace, prefetch=True)
+    from tracekit_viewer.fetch import FrameFetcher
+
+    src = TraceSource(exact_trace)
+    fetcher = FrameFetcher(src, LAYOUT, prefetch_steps=3)
     try:
         st = ViewState(step=1, focus=2, traced=0)
         compute_frame(src, st, LAYOUT)
-        src.prefetch(lambda: [compute_frame(src, st.copy(step=s), LAYOUT) for s in (2, 3, 4)])
-        src.wait_prefetch(30)
+        assert fetcher.cached(st.copy(step=2)) is None  # not read yet
+        fetcher.prefetch(st)
+        assert fetcher.idle(30)
+        assert fetcher.prefetched == [2, 3, 4]
         misses = src.cache.misses
         for s in (2, 3, 4):
             compute_frame(src, st.copy(step=s), LAYOUT)
         assert src.cache.misses == misses  # everything came from the cache
     finally:
+        fetcher.close()
         src.close()

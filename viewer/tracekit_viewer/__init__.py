@@ -5,8 +5,10 @@ scrubs through the steps of the recording. ``tracekit view TRACE`` opens it;
 ``tracekit render TRACE --step N -o frame.png`` renders headless.
 
 The package is layered: :mod:`.scene` (pure numpy geometry), :mod:`.source` (bounded, cached
-reads of a trace), :mod:`.frame` (what one frame shows), and the thin VTK layer in
-:mod:`.app` and :mod:`.render`. Importing this package does not import VTK.
+reads of a trace), :mod:`.frame` (what one frame shows), :mod:`.fetch` (frames read on a
+background thread, so a slow trace never freezes the window), :mod:`.hud` (the status words),
+and the thin VTK layer in :mod:`.app`, :mod:`.panels`, :mod:`.meshes` and :mod:`.render`.
+Importing this package does not import VTK.
 """
 
 from __future__ import annotations

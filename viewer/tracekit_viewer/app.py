@@ -10,6 +10,10 @@ boxes there are. The four views live in one window, as in the seed's 2x2 sketch:
     +---------------------+--------------+
     | attention pattern   | token states |
     +---------------------+--------------+
+
+The linked views are built and updated in :mod:`.panels`, the in-place VTK updates are in
+:mod:`.meshes`, the status words in :mod:`.hud`; in a window, frames are read in the
+background by :mod:`.fetch`.
 """
 
 from __future__ import annotations
@@ -23,21 +27,31 @@ from typing import Any
 import numpy as np
 
 from . import _vtkenv
+from .fetch import PREFETCH_STEPS, FrameFetcher
 from .frame import (
-    AttentionPanel,
     CityFrame,
     Frame,
-    LayerPanel,
-    TokenPanel,
     capacity_of,
     compute_frame,
 )
+from .hud import caption_text, error_text, loading_text, short_text, status_text
+from .meshes import (
+    TEXT_RGB,
+    Labels,
+    Polylines,
+    box_edges,
+    justify_text,
+    lut,
+    pyramid_faces,
+    replace_mesh,
+    write_mesh,
+)
+from .panels import PanelViews
 from .scene import (
     CURRENT_RGB,
     TRACED_RGB,
     WIDTH_BINS,
     CityLayout,
-    arc_lines,
     arc_points,
     arc_style,
     box_corners,
@@ -51,7 +65,7 @@ from .scene import (
     link_alpha,
     link_segments,
 )
-from .source import DEFAULT_CACHE_BYTES, METRIC_TITLES, TraceSource
+from .source import DEFAULT_CACHE_BYTES, METRIC_TITLES, NotCached, TraceSource
 from .state import (
     KEYMAP,
     METRIC_ORDER,
@@ -66,13 +80,10 @@ from .state import (
 
 __all__ = ["CityViewer", "PickInfo", "open_viewer"]
 
-_VTK_FLOAT = 10  # vtkType.h: VTK_FLOAT
-
 BACKGROUND = (0.06, 0.07, 0.09)
-PANEL_BACKGROUND = (0.10, 0.11, 0.13)
-TEXT_RGB = (0.92, 0.92, 0.92)
 ARC_WIDTHS = (1.0, 2.0, 3.5, 5.5)
-PREFETCH_STEPS = 4
+LOADING_RGB = (1.0, 0.78, 0.25)  # the "loading step N" mark
+ERROR_RGB = (1.0, 0.45, 0.40)  # a read that failed
 HOVER_INTERVAL = 0.08  # seconds between hover picks
 #: Ends of the step slider in the city's viewport (0..1), and the play button's size (pixels).
 STEP_SLIDER = ((0.10, 0.06), (0.70, 0.06))
@@ -80,19 +91,7 @@ PLAY_BUTTON_SIZE = 28
 #: When set, the viewer writes its state as JSON to this file after every change (for scripts
 #: and the test that drives a real window).
 STATE_FILE_VARIABLE = "TRACEKIT_VIEW_STATE"
-CITY_CMAP, ARC_CMAP, SIGNED_CMAP, ATTN_CMAP = "viridis", "plasma", "RdBu_r", "magma"
-
-
-def _lut(name: str, n: int = 256) -> np.ndarray:
-    import matplotlib
-
-    return np.asarray(matplotlib.colormaps[name](np.linspace(0, 1, n))[:, :3], np.float64)
-
-
-def _short(text: str, width: int = 10) -> str:
-    """A token's text as a short, single-line label."""
-    t = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    return t if len(t) <= width else t[: width - 1] + "~"
+CITY_CMAP, ARC_CMAP = "viridis", "plasma"
 
 
 @dataclass
@@ -108,70 +107,28 @@ class PickInfo:
     text: str = ""
 
 
-class _Labels:
-    """Text labels at world positions of one renderer, updated in place.
-
-    A pool of text actors sharing one text property: an actor re-rasterizes its text only
-    when the text changes (moving it is free), which costs a software renderer a fraction of
-    what a labeled-data mapper rebuilding every label each frame does.
-    """
-
-    def __init__(self, renderer: Any, size: int = 11, rgb: Sequence[float] = TEXT_RGB,
-                 justify: str = "center", bold: bool = False, orientation: float = 0.0,
-                 vertical: str = "center") -> None:
-        import vtk
-
-        self._vtk = vtk
-        self.renderer = renderer
-        self.prop = vtk.vtkTextProperty()
-        self.prop.SetFontSize(size)
-        self.prop.SetColor(*rgb)
-        self.prop.SetBold(bold)
-        self.prop.SetItalic(False)
-        self.prop.SetShadow(False)
-        self.prop.SetOrientation(orientation)
-        _justify(self.prop, justify, vertical)
-        self.actors: list[Any] = []
-        self.count = 0
-        self.shown = True
-
-    def set(self, xyz: np.ndarray, texts: Sequence[str]) -> None:
-        xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
-        while len(self.actors) < len(texts):
-            actor = self._vtk.vtkTextActor()
-            actor.SetTextProperty(self.prop)
-            actor.GetPositionCoordinate().SetCoordinateSystemToWorld()
-            actor.SetPickable(False)
-            self.renderer.AddViewProp(actor)
-            self.actors.append(actor)
-        self.count = len(texts)
-        for i, actor in enumerate(self.actors):
-            if i < self.count:
-                if actor.GetInput() != texts[i]:
-                    actor.SetInput(texts[i])
-                actor.GetPositionCoordinate().SetValue(*xyz[i])
-            actor.SetVisibility(self.shown and i < self.count)
-
-    def visible(self, on: bool) -> None:
-        self.shown = bool(on)
-        for i, actor in enumerate(self.actors):
-            actor.SetVisibility(self.shown and i < self.count)
-
-
-class CityViewer:
+class CityViewer(PanelViews):
     """The neural-city viewer of one trace. ``off_screen=True`` renders without a window.
 
     ``controls=False`` (rendered frames and movies) draws the scene and the views only: no
     play button or sliders, no status, hover or help text, but a small caption with the
     step and the current token. ``widgets=False`` leaves out just the play button and
     sliders.
+
+    ``background`` (default: on in a window, off off-screen) reads off the window's thread:
+    a change whose data is not cached keeps the last frame on screen with a "loading step
+    N..." mark, the frame is read by a :class:`~tracekit_viewer.fetch.FrameFetcher` and
+    shown by :meth:`poll` (the window's timer) when it is ready. Off, every :meth:`update`
+    reads what it needs before it returns (rendered frames and tests stay deterministic).
+    ``prefetch`` warms the cache for the next steps after each frame shown.
     """
 
     def __init__(self, trace: Any, *, state: ViewState | None = None,
                  layout: CityLayout | None = None, panels: bool = True,
                  off_screen: bool = False, window_size: tuple[int, int] = (1600, 1000),
                  cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: bool = True,
-                 widgets: bool = True, controls: bool = True) -> None:
+                 widgets: bool = True, controls: bool = True,
+                 background: bool | None = None) -> None:
         _vtkenv.prepare(off_screen)
         import pyvista as pv
         import vtk
@@ -180,7 +137,7 @@ class CityViewer:
         # Token text is literal: never let VTK parse '$' or '|' in it as MathText (slow, and
         # it would mangle the text).
         vtk.vtkTextRenderer.GetInstance().SetDefaultBackend(vtk.vtkTextRenderer.FreeType)
-        self.source = TraceSource(trace, cache_bytes=cache_bytes, prefetch=prefetch)
+        self.source = TraceSource(trace, cache_bytes=cache_bytes)
         if self.source.n_steps == 0:
             self.source.close()
             raise ValueError("the trace has no committed steps to show")
@@ -190,10 +147,18 @@ class CityViewer:
         self.off_screen = off_screen
         self.controls = controls
         self.state = self._normalized(state or ViewState(step=self.source.n_steps - 1))
+        self.background = (not off_screen) if background is None else bool(background)
+        self.fetcher: FrameFetcher | None = None
+        if self.background or prefetch:
+            self.fetcher = FrameFetcher(self.source, self.layout, panels=panels,
+                                        prefetch_steps=PREFETCH_STEPS if prefetch else 0)
+        self.loading: int | None = None  # the step being read in the background
+        self.read_error: str | None = None  # the last background read that failed, one line
+        self._direction = 1  # which way the steps last moved: where to prefetch
         self.frame: Frame | None = None
         self.last_pick = PickInfo("none")
-        self._city_lut = _lut(CITY_CMAP)
-        self._arc_lut = _lut(ARC_CMAP)
+        self._city_lut = lut(CITY_CMAP)
+        self._arc_lut = lut(ARC_CMAP)
         self._groups: np.ndarray | None = None
         self._boxes: tuple[np.ndarray, ...] = ()
         self._arc_index: list[np.ndarray] = [np.zeros(0, np.int64)] * WIDTH_BINS
@@ -225,7 +190,7 @@ class CityViewer:
         if self.widgets:
             self._build_widgets()
         self._bind_events()
-        self.update()
+        self.update(wait=True)  # the window opens on a frame
 
     # -- state ------------------------------------------------------------------------------
     def _normalized(self, st: ViewState) -> ViewState:
@@ -246,8 +211,12 @@ class CityViewer:
         return st
 
     def set_state(self, **changes: Any) -> ViewState:
-        """Change the state (any :class:`ViewState` field) and redraw every view."""
+        """Change the state (any :class:`ViewState` field) and redraw every view (in the
+        background when its data must be read, see :meth:`update`)."""
+        old = self.state.step
         self.state = self._normalized(self.state.copy(**changes))
+        if self.state.step != old:
+            self._direction = 1 if self.state.step > old else -1
         self.update()
         return self.state
 
@@ -282,9 +251,9 @@ class CityViewer:
                                         lighting=False)
             self.arcs.append(mesh)
             self.arc_actors.append(actor)
-            self._arc_lines.append(_Polylines(mesh, self.layout.arc_segments))
+            self._arc_lines.append(Polylines(mesh, self.layout.arc_segments))
         self.links = self._empty_lines(point=True)
-        self._link_lines = _Polylines(self.links, 2)
+        self._link_lines = Polylines(self.links, 2)
         self.links_actor = self._add_rgba_mesh(self.links, name="links", line_width=1.0,
                                                lighting=False)
         self.links_actor.SetPickable(False)
@@ -292,18 +261,18 @@ class CityViewer:
         self.plates.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
         self.plates_actor = self._add_rgba_mesh(self.plates, name="plates", lighting=False)
         self.plates_actor.SetPickable(False)
-        self.tracer = pv.PolyData(np.zeros((8, 3)), lines=_box_edges())
+        self.tracer = pv.PolyData(np.zeros((8, 3)), lines=box_edges())
         self.tracer_actor = self.plotter.add_mesh(self.tracer, color=TRACED_RGB, line_width=2.5,
                                                   name="tracer", lighting=False,
                                                   reset_camera=False)
         self.tracer_actor.SetPickable(False)
-        self.marker = pv.PolyData(np.zeros((5, 3)), faces=_pyramid_faces(1))
+        self.marker = pv.PolyData(np.zeros((5, 3)), faces=pyramid_faces(1))
         self.marker_actor = self.plotter.add_mesh(self.marker, color=CURRENT_RGB, name="marker",
                                                   lighting=False, reset_camera=False)
         self.marker_actor.SetPickable(False)
-        self.token_labels = _Labels(self.city_renderer, size=self._fs(11), justify="right",
+        self.token_labels = Labels(self.city_renderer, size=self._fs(11), justify="right",
                                     orientation=60.0)
-        self.floor_labels = _Labels(self.city_renderer, size=self._fs(13), justify="right",
+        self.floor_labels = Labels(self.city_renderer, size=self._fs(13), justify="right",
                                     bold=True)
         self.scalar_bar = self._make_scalar_bar(self.city_renderer, self._city_lut)
 
@@ -354,57 +323,10 @@ class CityViewer:
         prop.SetColor(*TEXT_RGB)
         if mono:
             prop.SetFontFamilyToCourier()
-        _justify(prop, align, valign)
+        justify_text(prop, align, valign)
         actor.SetPickable(False)
         renderer.AddViewProp(actor)
         return actor
-
-    def _build_panels(self) -> None:
-        pv = self._pv
-        self.panel_renderers: dict[str, Any] = {}
-        self.images: dict[str, Any] = {}
-        self.image_actors: dict[str, Any] = {}
-        self.outlines: dict[str, Any] = {}
-        self.panel_titles: dict[str, Any] = {}
-        self.panel_labels: dict[str, tuple[_Labels, _Labels]] = {}
-        specs = (("layer", (0, 1), SIGNED_CMAP), ("attention", (1, 0), ATTN_CMAP),
-                 ("token", (1, 1), SIGNED_CMAP))
-        for name, (r, c), cmap in specs:
-            self.plotter.subplot(r, c)
-            ren = self.plotter.renderer
-            ren.set_background(PANEL_BACKGROUND)
-            self.panel_renderers[name] = ren
-            # A heatmap is an image drawn as one texture (one quad), not a mesh of cells:
-            # updating it re-colours a few thousand pixels, nothing is re-tessellated.
-            image, actor = _image_actor(ren, _lut(cmap))
-            self.images[name] = image
-            self.image_actors[name] = actor
-            outline = self._empty_lines()
-            oa = self._add_rgba_mesh(outline, name=f"{name}-outline", line_width=2.0,
-                                     lighting=False)
-            oa.SetPickable(False)
-            self.outlines[name] = outline
-            self.panel_titles[name] = self._text(ren, (0.02, 0.98), size=self._fs(13))
-            rows = _Labels(ren, size=self._fs(10), justify="right")
-            cols = _Labels(ren, size=self._fs(10), justify="right", orientation=60.0)
-            self.panel_labels[name] = (rows, cols)
-            ren.camera.parallel_projection = True
-        self.plotter.subplot(1, 1)
-        self.bars = pv.PolyData(np.zeros((4, 3)), faces=np.array([4, 0, 1, 2, 3]))
-        self.bars.cell_data["rgba"] = np.zeros((1, 4), np.uint8)
-        self.bars_actor = self._add_rgba_mesh(self.bars, name="bars", lighting=False)
-        self.bars_actor.SetPickable(False)
-        self.token_notes = _Labels(self.panel_renderers["token"], size=self._fs(9), justify="left")
-        self.panel_bars = {
-            "layer": self._make_scalar_bar(self.panel_renderers["layer"], _lut(SIGNED_CMAP),
-                                           position=(0.89, 0.2)),
-            "attention": self._make_scalar_bar(self.panel_renderers["attention"],
-                                               _lut(ATTN_CMAP), position=(0.89, 0.2)),
-        }
-        for bar in self.panel_bars.values():
-            bar.SetWidth(0.1)
-            bar.SetBarRatio(0.3)
-        self.plotter.subplot(0, 0)
 
     def _build_hud(self) -> None:
         ren = self.city_renderer
@@ -427,6 +349,16 @@ class CityViewer:
         # rendered frames: a caption in place of the status, hover and help text
         self.caption = self._text(ren, (0.01, 0.99), size=self._fs(12))
         self.caption.SetVisibility(not self.controls)
+        # a step still being read, or a read that failed: one line over the city's top edge,
+        # under the status (boxed, so it stands out over whatever is drawn behind it)
+        self.loading_mark = self._text(ren, (0.5, 0.80), size=self._fs(18), align="center",
+                                       valign="top")
+        prop = self.loading_mark.GetTextProperty()
+        prop.SetBold(True)
+        prop.SetBackgroundColor(*BACKGROUND)
+        prop.SetBackgroundOpacity(0.85)
+        prop.SetFrame(True)
+        self.loading_mark.SetVisibility(False)
         for actor in (self.status, self.hover_text):
             actor.SetVisibility(self.controls)
 
@@ -485,26 +417,96 @@ class CityViewer:
         self.update()
 
     # -- updating ---------------------------------------------------------------------------
-    def update(self, render: bool | None = None) -> Frame:
-        """Recompute the frame for the current state and copy it into the actors; redraw the
-        window (off-screen, the next :meth:`screenshot` draws)."""
-        fr = compute_frame(self.source, self.state, self.layout, panels=self.panels)
+    def update(self, render: bool | None = None, *, wait: bool | None = None) -> Frame | None:
+        """Show the frame of the current state in every view and redraw the window
+        (off-screen, the next :meth:`screenshot` draws). Returns the frame shown.
+
+        In background mode (``wait`` False; the default in a window) a frame whose data is
+        not all cached is read on the fetch thread instead: this returns None at once, the
+        last frame stays with a "loading step N..." mark, and :meth:`poll` shows the new
+        frame when it is ready. ``wait=True`` (the default off-screen) reads here."""
+        wait = not self.background if wait is None else wait
+        state = self.state.copy()
+        if wait or self.fetcher is None:
+            if self.fetcher is not None:
+                self.fetcher.cancel()  # a result for an older state must not come after
+            fr = compute_frame(self.source, state, self.layout, panels=self.panels)
+        else:
+            fr = self.fetcher.cached(state)
+            if fr is None:
+                self.fetcher.request(state)
+                self.loading, self.read_error = state.step, None
+                self._show_mark(render)
+                return None
+        self._show(fr, render)
+        return fr
+
+    def poll(self) -> bool:
+        """Show the frame (or the read error) the fetch thread finished, if any: the
+        window's timer calls it. True when the window changed."""
+        if self.fetcher is None or self.loading is None:
+            return False
+        got = self.fetcher.take()
+        if got is None:
+            return False
+        if got.state != self.state:  # changed without an update(): ask again
+            self.update()
+            return True
+        if got.frame is None:
+            self.loading, self.read_error = None, error_text(got.state.step, got.error or "")
+            self._show_mark(None)
+            return True
+        self._show(got.frame, None)
+        return True
+
+    def finish_loading(self, timeout: float | None = 60.0) -> Frame | None:
+        """Wait until the frame being read in the background is shown (or its read failed);
+        returns the frame on screen. For scripts and tests: the window polls by itself."""
+        if self.fetcher is not None and self.loading is not None:
+            self.fetcher.wait(timeout)
+            self.poll()
+        return self.frame
+
+    def _show(self, fr: Frame, render: bool | None) -> None:
+        """Copy a computed frame into the actors, then warm the cache for the next steps."""
         self.frame = fr
+        self.loading = self.read_error = None
         self._update_city(fr.city)
         if self.panels:
             self._update_layer(fr.layer)
             self._update_attention(fr.attention)
             self._update_token(fr.token)
         self._update_hud(fr)
+        self.loading_mark.SetVisibility(False)
         self._apply_camera()
         if self.widgets:
             self._sync_widgets()
-        if self.state.playing:
-            self._prefetch()
+        if self.fetcher is not None:
+            self.fetcher.prefetch(fr.state, self._direction)
         if render if render is not None else not self.off_screen:
             self.plotter.render()
         self._dump_state()
-        return fr
+
+    def _show_mark(self, render: bool | None) -> None:
+        """Show the "loading step N..." mark or the read error over the last frame."""
+        if self.loading is not None:
+            text, rgb = loading_text(self.loading, self.source.n_steps), LOADING_RGB
+        else:
+            text, rgb = self.read_error or "", ERROR_RGB
+        # as much of the line as fits across the city's view (a URL can be long)
+        vx0, _, vx1, _ = self.city_renderer.GetViewport()
+        fit = max(20, int((vx1 - vx0) * self.plotter.window_size[0] / (0.5 * self._fs(18))) - 4)
+        if len(text) > fit:
+            text = text[: fit - 3] + "..."
+        self.loading_mark.SetInput(f"  {text}  " if text else "")  # (room inside the box)
+        self.loading_mark.GetTextProperty().SetColor(*rgb)
+        self.loading_mark.GetTextProperty().SetFrameColor(*rgb)
+        self.loading_mark.SetVisibility(bool(text))
+        if self.widgets:
+            self._sync_widgets()  # the slider follows the step asked for
+        if render if render is not None else not self.off_screen:
+            self.plotter.render()
+        self._dump_state()
 
     def _dump_state(self, **extra: Any) -> None:
         """Write the state, the window size and the hover line as JSON, atomically, to the
@@ -515,7 +517,9 @@ class CityViewer:
         if not path:
             return
         data = {**asdict(self.state), "window_size": list(self.plotter.window_size),
-                "hover": self.last_pick.text, **extra}
+                "hover": self.last_pick.text, "loading": self.loading,
+                "shown_step": None if self.frame is None else self.frame.city.step,
+                "read_error": self.read_error, **extra}
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
@@ -532,11 +536,11 @@ class CityViewer:
         rgba = colour_values(vals, lo, hi, self._city_lut, alpha)
         n_boxes = len(vals)
         if self._groups is None or not np.array_equal(self._groups, fr.groups):
-            _replace(self.columns, pts, faces=box_faces(n_boxes),
+            replace_mesh(self.columns, pts, faces=box_faces(n_boxes),
                      rgba=np.repeat(rgba, 8, axis=0), point=True)
             self._groups = fr.groups.copy()
         else:
-            _write(self.columns, pts, np.repeat(rgba, 8, axis=0), point=True)
+            write_mesh(self.columns, pts, np.repeat(rgba, 8, axis=0), point=True)
         self._boxes = (floors, first, span)
         self.columns_actor.SetVisibility(st.show_columns)
 
@@ -624,9 +628,9 @@ class CityViewer:
         if fr.focus is not None:
             rgba[fr.focus] = (70, 110, 190, 120)
         if self.plates.n_points == len(pts) * 4:
-            _write(self.plates, pts.reshape(-1, 3), rgba)
+            write_mesh(self.plates, pts.reshape(-1, 3), rgba)
         else:
-            _replace(self.plates, pts.reshape(-1, 3), faces=faces, rgba=rgba)
+            replace_mesh(self.plates, pts.reshape(-1, 3), faces=faces, rgba=rgba)
 
     def _update_markers(self, fr: CityFrame, n_floors: int, col_h: np.ndarray) -> None:
         lay = self.layout
@@ -639,7 +643,7 @@ class CityViewer:
             pts += [[ax - w, -w, az + 0.6], [ax + w, -w, az + 0.6], [ax + w, w, az + 0.6],
                     [ax - w, w, az + 0.6], [ax, 0.0, az]]
         if pts:
-            _replace(self.marker, np.array(pts, np.float64), faces=_pyramid_faces(len(cur)))
+            replace_mesh(self.marker, np.array(pts, np.float64), faces=pyramid_faces(len(cur)))
         self.marker_actor.SetVisibility(bool(pts))
         visible = fr.traced is not None and fr.start <= fr.traced < fr.end
         if visible:
@@ -650,7 +654,7 @@ class CityViewer:
             corners = np.array([[x + sx * hw, sy * (lay.box_depth / 2 + 0.12), z]
                                 for z in (-0.15, z1)
                                 for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))])
-            _replace(self.tracer, corners, lines=_box_edges())
+            replace_mesh(self.tracer, corners, lines=box_edges())
         self.tracer_actor.SetVisibility(visible)  # (it may have scrolled out of the window)
 
     def _update_city_labels(self, fr: CityFrame, n_floors: int) -> None:
@@ -659,7 +663,7 @@ class CityViewer:
         slots = label_slots(fr.n_cols, lay.max_labels, always)
         xyz = np.column_stack([slots * lay.spacing, np.full(len(slots), -lay.box_depth),
                                np.full(len(slots), -0.5)])
-        self.token_labels.set(xyz, [_short(fr.texts[s]) for s in slots])
+        self.token_labels.set(xyz, [short_text(fr.texts[s]) for s in slots])
         z = floor_z(n_floors, lay)
         marks = ["> " if f == fr.focus else "" for f in range(n_floors)]
         self.floor_labels.set(
@@ -670,36 +674,12 @@ class CityViewer:
         self.floor_labels.visible(self.state.show_labels)
 
     def _update_hud(self, fr: Frame) -> None:
-        st, c = self.state, fr.city
-        last = c.current.stop - 1
-        text = self.source.token_text(last)
+        st = self.state
         if not self.controls:
-            self.caption.SetInput(f"step {c.step} / {c.n_steps - 1}   token {last} "
-                                  f"{_short(text, 24)!r}")
+            self.caption.SetInput(caption_text(self.source, fr))
             self.help_overlay.SetVisibility(False)
             return
-        lines = [
-            f"{_model_label(self.source.model_name)}   step {c.step} / {c.n_steps - 1}   "
-            f"positions 0-{c.end - 1}   current token {last} {_short(text, 24)!r}",
-            f"height + colour: {METRIC_TITLES.get(c.metric, c.metric)}   arcs: "
-            f"{head_label(st.heads)}, top-{st.top_k}, weight >= {st.threshold:.2f}   "
-            f"{'playing' if st.playing else 'paused'} at {st.speed:g} steps/s",
-        ]
-        extra = []
-        if st.focus is not None:
-            extra.append(f"focus: floor L{self.source.floors[st.focus]}")
-        if st.traced is not None:
-            t = self.source.token_text(st.traced)
-            extra.append(f"tracing token {st.traced} {_short(t, 16)!r}" +
-                         ("" if c.traced is not None else " (not computed yet)"))
-        if c.start > 0:
-            extra.append(f"showing the latest {c.n_cols} positions")
-        if (c.groups > 1).any():
-            extra.append(f"far floors merge {int(c.groups.max())} positions per box")
-        if extra:
-            lines.append("   ".join(extra))
-        lines.append("h: help")
-        self.status.SetInput("\n".join(lines))
+        self.status.SetInput(status_text(self.source, st, fr))
         self.help_overlay.SetVisibility(st.help)
         if st.help:  # overlays are drawn in order: keep the help above labels added later
             props = self.city_renderer.GetViewProps()
@@ -707,259 +687,6 @@ class CityViewer:
                 self.city_renderer.RemoveViewProp(self.help_overlay)
                 self.city_renderer.AddViewProp(self.help_overlay)
         self.hover_text.SetInput(self.last_pick.text)
-
-    # -- panels -----------------------------------------------------------------------------
-    def _panel_aspect(self, name: str) -> float:
-        """Width / height of a panel's viewport in pixels."""
-        vx0, vy0, vx1, vy1 = self.panel_renderers[name].GetViewport()
-        w, h = self.plotter.window_size
-        return max(1e-6, (vx1 - vx0) * w) / max(1e-6, (vy1 - vy0) * h)
-
-    def _set_image(self, name: str, matrix: np.ndarray, clim: tuple[float, float],
-                   spacing: float = 1.0) -> None:
-        """Show ``matrix`` (row 0 at the top) as the panel's image; cells are ``spacing``
-        wide and 1 high."""
-        from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-
-        image = self.images[name]
-        ny, nx = matrix.shape if matrix.size else (1, 1)
-        data = (matrix if matrix.size else np.full((1, 1), np.nan))[::-1].astype(np.float32)
-        # pixel (i, j) is centred on the cell [i, i + 1] x spacing, [j - ny, j - ny + 1]
-        if image.GetDimensions() != (nx, ny, 1):
-            image.SetDimensions(nx, ny, 1)
-        image.SetSpacing(spacing, 1.0, 1.0)
-        image.SetOrigin(0.5 * spacing, 0.5 - ny, 0.0)
-        old = image.GetPointData().GetScalars()
-        if old is not None and old.GetNumberOfTuples() == data.size:
-            vtk_to_numpy(old)[:] = data.ravel()
-            old.Modified()
-        else:
-            arr = numpy_to_vtk(np.ascontiguousarray(data.ravel()), deep=True)
-            arr.SetName("value")
-            image.GetPointData().SetScalars(arr)
-        image.Modified()
-        self.image_actors[name].GetProperty().GetLookupTable().SetRange(*clim)
-
-    def _set_outline(self, name: str, boxes: list[tuple[float, float, float, float, tuple]]
-                     ) -> None:
-        """Rectangles (x0, y0, x1, y1, rgb) drawn over a panel."""
-        if not boxes:
-            _replace(self.outlines[name], np.zeros((2, 3)), lines=np.array([2, 0, 1]),
-                     rgba=np.zeros((1, 4), np.uint8))
-            return
-        pts, lines, rgba = [], [], []
-        for i, (x0, y0, x1, y1, rgb) in enumerate(boxes):
-            pts += [[x0, y0, 0.01], [x1, y0, 0.01], [x1, y1, 0.01], [x0, y1, 0.01]]
-            lines += [5, 4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i]
-            rgba.append((*rgb, 255))
-        _replace(self.outlines[name], np.array(pts, float), lines=np.array(lines),
-                 rgba=np.array(rgba, np.uint8))
-
-    def _fit_panel(self, name: str, x0: float, x1: float, y0: float, y1: float) -> None:
-        """Frame the content box in the panel's camera (only when the box changes)."""
-        key = (round(x0, 3), round(x1, 3), round(y0, 3), round(y1, 3))
-        if self._panel_keys.get(name) == key:
-            return
-        self._panel_keys[name] = key
-        ren = self.panel_renderers[name]
-        cam = ren.GetActiveCamera()
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        cam.SetFocalPoint(cx, cy, 0.0)
-        cam.SetPosition(cx, cy, 100.0)
-        cam.SetViewUp(0.0, 1.0, 0.0)
-        cam.ParallelProjectionOn()
-        aspect = self._panel_aspect(name)
-        cam.SetParallelScale(max((y1 - y0) / 2, (x1 - x0) / 2 / aspect) * 1.02)
-        ren.ResetCameraClippingRange()
-        ren.camera.is_set = True  # keep pyvista from resetting it on the first render
-
-    def _margins(self, name: str, rows: int, chars: int = 10) -> tuple[float, float]:
-        """Rows of space to leave under a panel's ``rows`` rows for its slanted column
-        labels of up to ``chars`` characters, and above them for its title, so that neither
-        is cut off or overlaps the matrix."""
-        _, vy0, _, vy1 = self.panel_renderers[name].GetViewport()
-        height = (vy1 - vy0) * self.plotter.window_size[1]
-        below = 0.55 * self._fs(10) * chars * 0.87 + 4  # pixels: text slanted at 60 degrees
-        above = 1.9 * self._fs(13)
-        if height <= 2 * (below + above):
-            return 5.0, 2.5
-        # m rows of margin take m / (rows + all margins) of the height
-        per_row = (height - below - above) / rows
-        return max(4.0, below / per_row), max(1.5, above / per_row)
-
-    def _axis_labels(self, name: str, n: int, axis: int) -> np.ndarray:
-        """Which of ``n`` rows (axis 1) or columns (axis 0) of a panel get a label: as many
-        as fit without overlapping."""
-        vp = self.panel_renderers[name].GetViewport()
-        px = (vp[2 + axis] - vp[axis]) * self.plotter.window_size[axis]
-        # text is the dearest thing to draw on a software renderer: one label per ~2 lines
-        return label_slots(n, max(2, int(0.6 * px / (self._fs(10) * 2.4))), [])
-
-    def _update_layer(self, p: LayerPanel | None) -> None:
-        rows_l, cols_l = self.panel_labels["layer"]
-        title = self.panel_titles["layer"]
-        if p is None:
-            self._set_image("layer", np.zeros((0, 0)), (-1, 1))
-            title.SetInput("layer view: the trace has no full vectors")
-            rows_l.set(np.zeros((0, 3)), [])
-            cols_l.set(np.zeros((0, 3)), [])
-            return
-        layer = self.source.floors[p.floor]
-        title.SetInput(f"layer view   L{layer} {p.array}   positions {p.positions.start}-"
-                       f"{p.positions.stop - 1} x {len(p.dims)} most active dims")
-        self._set_image("layer", p.matrix, (-p.scale, p.scale))
-        self.panel_bars["layer"].GetLookupTable().SetRange(-p.scale, p.scale)
-        n = len(p.positions)
-        slots = self._axis_labels("layer", n, 1)
-        rows_l.set(np.column_stack([np.full(len(slots), -0.3), -(slots + 0.5),
-                                    np.zeros(len(slots))]),
-                   [f"{p.positions.start + s} {_short(p.texts[s], 8)}" for s in slots])
-        cslots = self._axis_labels("layer", len(p.dims), 0)
-        cols_l.set(np.column_stack([cslots + 0.5, np.full(len(cslots), -n - 0.3),
-                                    np.zeros(len(cslots))]),
-                   [f"d{int(p.dims[s])}" for s in cslots])
-        c = self.frame.city if self.frame else None
-        boxes = []
-        if c is not None:
-            for pos in c.current[-1:]:
-                if pos in p.positions:
-                    i = pos - p.positions.start
-                    boxes.append((0, -i - 1, len(p.dims), -i, CURRENT_RGB))
-            if c.traced is not None and c.traced in p.positions:
-                i = c.traced - p.positions.start
-                boxes.append((0, -i - 1, len(p.dims), -i, TRACED_RGB))
-        self._set_outline("layer", boxes)
-        below, above = self._margins("layer", n, 5)
-        self._fit_panel("layer", -7.0, len(p.dims) + 6.0, -n - below, above)
-
-    def _update_attention(self, p: AttentionPanel | None) -> None:
-        rows_l, cols_l = self.panel_labels["attention"]
-        title = self.panel_titles["attention"]
-        if p is None:
-            self._set_image("attention", np.zeros((0, 0)), (0, 1))
-            title.SetInput("attention: not captured in this trace")
-            rows_l.set(np.zeros((0, 3)), [])
-            cols_l.set(np.zeros((0, 3)), [])
-            self._set_outline("attention", [])
-            return
-        layer = self.source.floors[p.floor]
-        m = p.matrix
-        off = 0
-        if p.earlier is not None:
-            m = np.concatenate([p.earlier[:, None], m], axis=1)
-            off = 1
-        src = "" if p.exact else "  (from top-k summary)"
-        title.SetInput(f"attention   L{layer}   {head_label(p.heads)}   query (rows) x key "
-                       f"(columns){src}")
-        self._set_image("attention", m, (0.0, 1.0))
-        self.panel_bars["attention"].GetLookupTable().SetRange(0.0, 1.0)
-        nq, nk = m.shape
-        slots = self._axis_labels("attention", nq, 1)
-        rows_l.set(np.column_stack([np.full(len(slots), -0.3), -(slots + 0.5),
-                                    np.zeros(len(slots))]),
-                   [f"{p.queries.start + s} {_short(p.texts[s], 8)}" for s in slots])
-        kslots = self._axis_labels("attention", len(p.keys), 0)
-        ctexts = [f"{p.keys.start + s} {_short(p.texts[s], 6)}" for s in kslots]
-        cx = kslots + off + 0.5
-        if off:  # the "earlier" column's label takes the place of the first key's
-            keep = kslots > 0
-            cx = np.concatenate([[0.5], cx[keep]])
-            ctexts = ["earlier"] + [t for t, k in zip(ctexts, keep, strict=True) if k]
-        cols_l.set(np.column_stack([cx, np.full(len(cx), -nq - 0.3), np.zeros(len(cx))]),
-                   ctexts)
-        boxes = []
-        for pos in p.current[-1:]:
-            if pos in p.queries:
-                i = pos - p.queries.start
-                boxes.append((0, -i - 1, nk, -i, CURRENT_RGB))
-        if p.traced is not None and p.traced in p.queries:
-            i = p.traced - p.queries.start
-            boxes.append((0, -i - 1, nk, -i, TRACED_RGB))  # the attention it gives
-            boxes.append((i + off, -nq, i + off + 1, 0, TRACED_RGB))  # ... and receives
-        self._set_outline("attention", boxes)
-        below, above = self._margins("attention", nq)
-        self._fit_panel("attention", -7.0, nk + 6.0, -nq - below, above)
-
-    def _update_token(self, p: TokenPanel | None) -> None:
-        rows_l, cols_l = self.panel_labels["token"]
-        title = self.panel_titles["token"]
-        if p is None:
-            return
-        how = "traced token" if p.traced else "current token"
-        pred = ""
-        if p.predictions:
-            pred = "   next: " + ", ".join(f"{t} {pr:.0%}" for t, pr in p.predictions[:3])
-        title.SetInput(f"token states   {how} {p.position} {_short(p.text, 16)!r}{pred}")
-        n_pts = len(p.point_labels)
-        nd = 0 if p.matrix is None else p.matrix.shape[1]
-        # Lay the panel out in its own aspect ratio: labels | heatmap | bars | notes.
-        height = n_pts + 3.0
-        width = self._panel_aspect("token") * height
-        hx = 0.30 * width  # heatmap width
-        if p.matrix is not None:
-            # rows bottom-up like the floors: the embedding at the bottom
-            self._set_image("token", p.matrix[::-1], (-p.scale, p.scale),
-                            spacing=hx / max(1, nd))
-        else:
-            self._set_image("token", np.zeros((0, 0)), (-1, 1))
-        # as many rows labelled (and annotated) as fit, the top (last) point always
-        vx0, vy0, vx1, vy1 = self.panel_renderers["token"].GetViewport()
-        pitch = (vy1 - vy0) * self.plotter.window_size[1] / height
-        two_lines = pitch >= 2.6 * self._fs(9)
-        shown = set(label_slots(n_pts, max(2, int(n_pts * pitch / (self._fs(9) * 1.5))),
-                                [n_pts - 1]).tolist())
-        # the notes start at 0.48 of the panel's width: cut them to what is left
-        note_px = 0.5 * (vx1 - vx0) * self.plotter.window_size[0]
-        note_chars = max(8, int(note_px / (0.6 * self._fs(9))))
-        rows = np.array(sorted(shown), dtype=np.int64)
-        rows_l.set(np.column_stack([np.full(len(rows), -0.3), -(n_pts - rows - 0.5),
-                                    np.zeros(len(rows))]), [p.point_labels[i] for i in rows])
-        cols_l.set(np.zeros((0, 3)), [])
-        # bars: residual norm (grey), what attention (blue) and the MLP (orange) added
-        bx = hx + 0.02 * width
-        blen = 0.14 * width
-        quads, colours = [], []
-
-        def bar(row: int, value: float, vmax: float, lane: int, rgb: tuple) -> None:
-            if value is None or not np.isfinite(value) or vmax <= 0:
-                return
-            y_top = -(n_pts - 1 - row)
-            y0 = y_top - 1 + 0.08 + lane * 0.3
-            x1 = bx + blen * min(1.0, value / vmax)
-            quads.append([[bx, y0, 0], [x1, y0, 0], [x1, y0 + 0.26, 0], [bx, y0 + 0.26, 0]])
-            colours.append((*rgb, 255))
-
-        vr = {m: self.source.value_range(m)[1] for m in self.source.metrics}
-        notes, note_xyz = [], []
-        for i, point in enumerate(self.source.points):
-            if p.residual_norm is not None:
-                bar(i, float(p.residual_norm[i]), vr.get("residual", 0.0), 2, (180, 180, 180))
-            if point - 1 in self.source.floors:
-                f = self.source.floors.index(point - 1)
-                if p.attn_norm is not None:
-                    bar(i, float(p.attn_norm[f]), vr.get("attn_out", 0.0), 1, (80, 150, 255))
-                if p.mlp_norm is not None:
-                    bar(i, float(p.mlp_norm[f]), vr.get("mlp_out", 0.0), 0, (255, 150, 60))
-            if i not in shown:
-                continue
-            parts = []
-            if p.residual_norm is not None:
-                parts.append(f"|r| {p.residual_norm[i]:.3g}  mean {p.ln_mean[i]:+.2g} "
-                             f"std {p.ln_std[i]:.3g}")
-            if p.lens:
-                parts.append("lens " + " ".join(f"{t} {pr:.0%}" for t, pr in p.lens[i]))
-            lines = parts if two_lines else ["  ".join(parts)]
-            notes.append("\n".join(_short(line, note_chars) for line in lines))
-            note_xyz.append([bx + blen + 0.02 * width, -(n_pts - 1 - i) - 0.5, 0.0])
-        if quads:
-            q = np.array(quads, float).reshape(-1, 3)
-            faces = np.column_stack([np.full(len(quads), 4),
-                                     4 * np.arange(len(quads))[:, None] + np.arange(4)])
-            _replace(self.bars, q, faces=faces.reshape(-1), rgba=np.array(colours, np.uint8))
-        self.bars_actor.SetVisibility(bool(quads))
-        self.token_notes.set(np.array(note_xyz).reshape(-1, 3), notes)
-        self._set_outline("token", [])
-        self._fit_panel("token", -0.14 * width, 0.86 * width, -n_pts - 1.0, 2.0)
 
     # -- camera -----------------------------------------------------------------------------
     def city_bounds(self) -> tuple[float, float, float, float, float, float]:
@@ -1046,6 +773,9 @@ class CityViewer:
         if not self.state.playing:
             return False
         now = time.monotonic() if now is None else now
+        if self.loading is not None or self.read_error is not None:
+            self._last_tick = now  # hold on the step being read: never skip past it
+            return False
         due = int((now - self._last_tick) * self.state.speed)
         if due <= 0:
             return False
@@ -1058,18 +788,8 @@ class CityViewer:
         return True
 
     def _on_timer(self, *_: Any) -> None:
+        self.poll()
         self.tick()
-
-    def _prefetch(self) -> None:
-        state, n = self.state.copy(playing=False), self.source.n_steps
-        steps = range(state.step + 1, min(n, state.step + 1 + PREFETCH_STEPS))
-        source, layout, panels = self.source, self.layout, self.panels
-
-        def job() -> None:
-            for s in steps:
-                compute_frame(source, state.copy(step=s), layout, panels=panels)
-
-        source.prefetch(job)
 
     def _on_mouse_move(self, *_: Any) -> None:
         iren = self.plotter.iren.interactor
@@ -1103,7 +823,18 @@ class CityViewer:
         return info
 
     def pick(self, x: int, y: int) -> PickInfo:
-        """What is drawn at display position (x, y) (pixels from the bottom left)."""
+        """What is drawn at display position (x, y) (pixels from the bottom left).
+
+        In background mode it reads nothing: a value not cached yet says so instead."""
+        if not self.background:
+            return self._pick(x, y)
+        with self.source.cache_only():
+            try:
+                return self._pick(x, y)
+            except NotCached:
+                return PickInfo("none", text="(not read yet)")
+
+    def _pick(self, x: int, y: int) -> PickInfo:
         import vtk
 
         iren = self.plotter.iren.interactor
@@ -1314,6 +1045,10 @@ class CityViewer:
     def action_clear(self) -> None:
         self.set_state(focus=None, traced=None)
 
+    def action_retry(self) -> None:
+        """Ask again for the step on screen (after a read failed)."""
+        self.update()
+
     def action_toggle_help(self) -> None:
         self.set_state(help=not self.state.help)
 
@@ -1366,11 +1101,14 @@ class CityViewer:
         self.plotter.iren.initialize()
         self._timer_id = self.plotter.iren.interactor.CreateRepeatingTimer(30)
         try:
-            self.plotter.show(title=f"tracekit view: {self.source.trace.path}")
+            self.plotter.show(title=f"tracekit view: {self.source.trace.location}")
         finally:
             self.close()
 
     def close(self) -> None:
+        fetcher = getattr(self, "fetcher", None)
+        if fetcher is not None:
+            fetcher.close()
         src = getattr(self, "source", None)
         if src is not None:
             src.close()
@@ -1383,173 +1121,6 @@ class CityViewer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _set_points(mesh: Any, points: np.ndarray) -> None:
-    """Give a mesh these points: copied into its point array when the count is the same."""
-    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-
-    pts = np.asarray(points, np.float32).reshape(-1, 3)
-    old = mesh.GetPoints()
-    if (old is not None and old.GetNumberOfPoints() == len(pts)
-            and old.GetDataType() == _VTK_FLOAT):
-        vtk_to_numpy(old.GetData())[:] = pts
-        old.Modified()
-    else:
-        import vtk
-
-        new = vtk.vtkPoints()
-        new.SetData(numpy_to_vtk(np.ascontiguousarray(pts), deep=True))
-        mesh.SetPoints(new)
-
-
-def _set_cells(mesh: Any, *, faces: np.ndarray | None = None,
-               lines: np.ndarray | None = None) -> None:
-    """Give a mesh new polygons or lines (VTK's flat [n, i0, ..., n, ...] layout)."""
-    import vtk
-    from vtkmodules.util.numpy_support import numpy_to_vtkIdTypeArray
-
-    for cells, setter in ((faces, mesh.SetPolys), (lines, mesh.SetLines)):
-        if cells is not None:
-            arr = vtk.vtkCellArray()
-            arr.ImportLegacyFormat(numpy_to_vtkIdTypeArray(
-                np.ascontiguousarray(cells, dtype=np.int64), deep=True))
-            setter(arr)
-
-
-def _set_colours(mesh: Any, rgba: np.ndarray, *, point: bool = False) -> None:
-    """Set the mesh's ``rgba`` colours per point or per cell, in place when the size holds."""
-    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-
-    data = mesh.GetPointData() if point else mesh.GetCellData()
-    rgba = np.asarray(rgba, np.uint8).reshape(-1, 4)
-    arr = data.GetArray("rgba")
-    if arr is not None and arr.GetNumberOfTuples() == len(rgba):
-        vtk_to_numpy(arr)[:] = rgba
-        arr.Modified()
-    else:
-        new = numpy_to_vtk(np.ascontiguousarray(rgba), deep=True)
-        new.SetName("rgba")
-        data.AddArray(new)
-        data.SetActiveScalars("rgba")
-
-
-def _write(mesh: Any, points: np.ndarray, rgba: np.ndarray, *, point: bool = False) -> None:
-    """Copy new point positions and colours into a mesh's existing arrays."""
-    _set_points(mesh, points)
-    _set_colours(mesh, rgba, point=point)
-    mesh.Modified()
-
-
-def _replace(mesh: Any, points: np.ndarray, *, faces: np.ndarray | None = None,
-             lines: np.ndarray | None = None, rgba: np.ndarray | None = None,
-             point: bool = False) -> None:
-    """Give a mesh new points and cells (its actor and mapper stay the same)."""
-    _set_points(mesh, points)
-    _set_cells(mesh, faces=faces, lines=lines)
-    if rgba is not None:
-        _set_colours(mesh, rgba, point=point)
-    mesh.Modified()
-
-
-class _Polylines:
-    """Polylines of ``length`` points each, one colour per line, in one mesh whose cells are
-    rebuilt only when it needs room for more lines than ever before: the lines past the ones
-    shown collapse onto the first point, transparent, so a frame copies only points and
-    colours (per point: no cell-to-colour map to rebuild)."""
-
-    def __init__(self, mesh: Any, length: int) -> None:
-        self.mesh = mesh
-        self.length = length
-        self.capacity = 0
-        self.count = 0
-
-    def set(self, points: np.ndarray, rgba: np.ndarray) -> None:
-        """``points`` [n, length, 3], ``rgba`` [n, 4]."""
-        from vtkmodules.util.numpy_support import vtk_to_numpy
-
-        n, k = len(points), self.length
-        if n > self.capacity or self.capacity == 0:
-            self.capacity = max(16, 1 << max(0, n - 1).bit_length())
-            cap = self.capacity
-            _replace(self.mesh, np.zeros((cap * k, 3)), lines=arc_lines(cap, k),
-                     rgba=np.zeros((cap * k, 4), np.uint8), point=True)
-        cap = self.capacity
-        pts = vtk_to_numpy(self.mesh.GetPoints().GetData()).reshape(cap, k, 3)
-        pts[:n] = points
-        pts[n:] = points[0, 0] if n else 0.0
-        self.mesh.GetPoints().Modified()
-        arr = self.mesh.GetPointData().GetArray("rgba")
-        colours = vtk_to_numpy(arr).reshape(cap, k, 4)
-        colours[:n] = np.asarray(rgba, np.uint8)[:, None, :]
-        colours[n:] = 0
-        arr.Modified()
-        self.mesh.Modified()
-        self.count = n
-
-
-def _image_actor(renderer: Any, lut_rgb: np.ndarray) -> tuple[Any, Any]:
-    """An empty one-value-per-pixel image, drawn through a colour table by an image actor
-    (nearest-pixel, NaN grey)."""
-    import vtk
-
-    image = vtk.vtkImageData()
-    image.SetDimensions(1, 1, 1)
-    arr = vtk.vtkFloatArray()
-    arr.SetName("value")
-    arr.InsertNextValue(0.0)
-    image.GetPointData().SetScalars(arr)
-    lut = vtk.vtkLookupTable()
-    lut.SetNumberOfTableValues(len(lut_rgb))
-    for i, (r, g, b) in enumerate(lut_rgb):
-        lut.SetTableValue(i, r, g, b, 1.0)
-    lut.SetNanColor(0.25, 0.25, 0.28, 1.0)
-    lut.SetRange(-1.0, 1.0)
-    actor = vtk.vtkImageActor()
-    actor.GetMapper().SetInputData(image)
-    actor.GetMapper().BorderOn()  # whole pixels at the edges, not half ones
-    prop = actor.GetProperty()
-    prop.SetLookupTable(lut)
-    prop.UseLookupTableScalarRangeOn()
-    prop.SetInterpolationTypeToNearest()
-    actor.SetPickable(False)
-    renderer.AddActor(actor)
-    return image, actor
-
-
-def _model_label(name: str) -> str:
-    """A model's name for the status line: a local path shortened to its last two parts."""
-    if name.startswith(("/", "~", ".")) or "\\" in name:
-        parts = [p for p in name.replace("\\", "/").split("/") if p]
-        return "/".join(parts[-2:])
-    return name
-
-
-def _justify(prop: Any, horizontal: str, vertical: str) -> None:
-    """Set a vtkTextProperty's justification from words (left/center/right, top/center/...)."""
-    getattr(prop, {"left": "SetJustificationToLeft", "center": "SetJustificationToCentered",
-                   "right": "SetJustificationToRight"}[horizontal])()
-    getattr(prop, {"top": "SetVerticalJustificationToTop",
-                   "center": "SetVerticalJustificationToCentered",
-                   "bottom": "SetVerticalJustificationToBottom"}[vertical])()
-
-
-def _box_edges() -> np.ndarray:
-    """The 12 edges of a box with corners ordered bottom (0-3) then top (4-7)."""
-    edges = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5),
-             (2, 6), (3, 7)]
-    return np.array([[2, a, b] for a, b in edges], np.int64).reshape(-1)
-
-
-def _pyramid_faces(n: int) -> np.ndarray:
-    """Faces of ``n`` downward pyramids of 5 points each (4 base corners, then the apex)."""
-    out = []
-    for i in range(n):
-        b = 5 * i
-        out += [4, b, b + 1, b + 2, b + 3]
-        for j in range(4):
-            out += [3, b + j, b + (j + 1) % 4, b + 4]
-    return np.array(out, np.int64)
 
 
 def open_viewer(path: str | os.PathLike[str], **state: Any) -> CityViewer:

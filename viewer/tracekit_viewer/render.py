@@ -111,7 +111,7 @@ def _viewer(trace: Any, size: tuple[int, int], panels: bool, layout: CityLayout 
     from .app import CityViewer
     from .source import TraceSource
 
-    probe = TraceSource(trace, prefetch=False)
+    probe = TraceSource(trace)
     try:
         st = viewer_state(probe, **state)
     finally:

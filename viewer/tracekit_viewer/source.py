@@ -4,7 +4,10 @@ A frame reads only what it shows: the summaries (norms, top-k attention) of the 
 positions for the city, and full vectors only for the focused layer and the traced token.
 Everything is read in aligned blocks of positions and kept in one least-recently-used cache
 with a byte budget, so memory stays flat however large the trace and however long one
-scrubs. A single background thread can warm the cache for the next steps while playing.
+scrubs. Reads are one at a time; a thread can ask for cache hits only (:meth:`TraceSource.
+cache_only`: the window's thread, which must never wait on a slow store) or have its reads
+abandoned between two reads (:meth:`TraceSource.interruptible`: a fetch that a newer request
+superseded). :mod:`tracekit_viewer.fetch` runs the reads in the background.
 """
 
 from __future__ import annotations
@@ -13,18 +16,18 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import numpy as np
 
 import tracekit
+from tracekit.errors import CorruptTraceError, DisallowedCodecError, MissingArrayError
 from tracekit.format import decode_token_text
 
 from .scene import combine_heads, sparse_rows_to_dense
 
-__all__ = ["BlockCache", "TraceSource", "METRICS", "id_label"]
+__all__ = ["BlockCache", "NotCached", "TraceSource", "METRICS", "id_label"]
 
 #: What the city's heights and colours can show, and the summary array each reads.
 METRICS = {"residual": "residual_norm", "attn_out": "attn_out_norm", "mlp_out": "mlp_out_norm"}
@@ -55,6 +58,10 @@ def id_label(token_id: int, text: str | None) -> str:
     return repr(text) if text is not None else f"#{int(token_id)}"
 
 
+class NotCached(LookupError):
+    """A read was needed where only cache hits are allowed (see :meth:`TraceSource.cache_only`)."""
+
+
 class BlockCache:
     """A thread-safe least-recently-used cache of arrays, bounded by their total bytes."""
 
@@ -65,6 +72,7 @@ class BlockCache:
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        self.stored_bytes = 0  # bytes ever put in (a prefetch measures what it read by it)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -90,6 +98,7 @@ class BlockCache:
                 self.nbytes -= old[1]
             self._items[key] = (value, size)
             self.nbytes += size
+            self.stored_bytes += size
             while self.nbytes > self.max_bytes and len(self._items) > 1:
                 _, (_, s) = self._items.popitem(last=False)
                 self.nbytes -= s
@@ -108,7 +117,7 @@ class TraceSource:
     """
 
     def __init__(self, trace: tracekit.Trace | str | os.PathLike[str], *,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: bool = True) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._owns_trace = not isinstance(trace, tracekit.Trace)
         self.trace = tracekit.open(trace) if self._owns_trace else trace
         t = self.trace
@@ -132,20 +141,50 @@ class TraceSource:
         self._id_text: dict[int, str] = {}
         self._vocab: Any = None  # the trace's vocabulary (format 1.1), read on first use
         self._vocab_tried = not t.has_vocab
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tracekit-prefetch") if (
-            prefetch) else None
-        self._prefetch_gen = 0
-        self._prefetch_future: Future[Any] | None = None
+        self._policy = threading.local()  # per thread: cache_only, before_read
+
+    # -- read policy per thread -------------------------------------------------------------
+    @contextlib.contextmanager
+    def cache_only(self) -> Iterator[None]:
+        """Within this block, on this thread, anything not cached raises :class:`NotCached`
+        instead of being read: the window's thread computes a frame this way, so it never
+        waits on a slow store."""
+        old = getattr(self._policy, "cache_only", False)
+        self._policy.cache_only = True
+        try:
+            yield
+        finally:
+            self._policy.cache_only = old
+
+    @contextlib.contextmanager
+    def interruptible(self, check: Callable[[], None]) -> Iterator[None]:
+        """Within this block, on this thread, ``check()`` runs before every read; what it
+        raises abandons the work between two reads (what was read stays cached)."""
+        old = getattr(self._policy, "check", None)
+        self._policy.check = check
+        try:
+            yield
+        finally:
+            self._policy.check = old
+
+    def _before_read(self, what: Hashable) -> None:
+        if getattr(self._policy, "cache_only", False):
+            raise NotCached(what)
+        check = getattr(self._policy, "check", None)
+        if check is not None:
+            check()
 
     # -- cache plumbing ---------------------------------------------------------------------
     def _cached(self, key: Hashable, load: Callable[[], Any]) -> Any:
         found, value = self.cache.lookup(key)
         if found:
             return value
-        with self._read_lock:  # one reader at a time; the prefetcher may have just loaded it
+        self._before_read(key)
+        with self._read_lock:  # one reader at a time; another thread may have just loaded it
             found, value = self.cache.lookup(key)
             if found:
                 return value
+            self._before_read(key)  # (a newer request may have come while waiting)
             self.cache.misses += 1
             value = load()
         self.cache.put(key, value)
@@ -164,10 +203,9 @@ class TraceSource:
     def _array_rows(self, name: str, a: int, b: int, tail: tuple = (),
                     block: int = SUMMARY_BLOCK, dtype: Any = None) -> np.ndarray:
         total = self.n_steps if name.startswith("step_") else self.n_positions
-        arr = self.trace[name]
 
-        def load(lo: int, hi: int) -> np.ndarray:
-            data = arr[(slice(lo, hi), *tail)]
+        def load(lo: int, hi: int) -> np.ndarray:  # (opening an array may read its metadata)
+            data = self.trace[name][(slice(lo, hi), *tail)]
             return data.astype(dtype) if dtype is not None else data
 
         parts = self._rows((name, tail, str(dtype)), a, b, block, total, load)
@@ -214,7 +252,7 @@ class TraceSource:
         vocabulary; without one (format 1.0), from the positions read so far; else ``#id``."""
         i = int(token_id)
         vocab = self._vocabulary()
-        if vocab is None:
+        if vocab is None:  # (also while the vocabulary is still to be read)
             return id_label(i, self._id_text.get(i))
         try:
             return id_label(i, vocab.text(i))
@@ -223,10 +261,14 @@ class TraceSource:
 
     def _vocabulary(self) -> Any:
         if not self._vocab_tried:
+            self._before_read("vocab")
             with self._read_lock:
                 if not self._vocab_tried:
-                    # A vocabulary that does not read (corrupt) leaves the ids as they are.
-                    with contextlib.suppress(tracekit.TraceError):
+                    # A corrupt vocabulary leaves the ids as they are, for good; a read that
+                    # failed otherwise (a time-out on a network) fails this frame, which is
+                    # read again later.
+                    with contextlib.suppress(CorruptTraceError, DisallowedCodecError,
+                                             MissingArrayError):
                         self._vocab = self.trace.vocab
                     self._vocab_tried = True
         return self._vocab
@@ -235,7 +277,9 @@ class TraceSource:
     def value_range(self, metric: str) -> tuple[float, float]:
         """Fixed (min, max) of a metric over the whole trace, for colour bars that hold."""
         if metric not in self._ranges:
-            self._ranges[metric] = self.trace.value_range(METRICS[metric])
+            self._before_read(("range", metric))
+            with self._read_lock:
+                self._ranges[metric] = self.trace.value_range(METRICS[metric])
         return self._ranges[metric]
 
     def metric(self, metric: str, a: int, b: int) -> np.ndarray:
@@ -260,15 +304,13 @@ class TraceSource:
         if not self.has_attention_summary:
             z = np.zeros((max(0, b - a), self.n_floors, 1))
             return z.astype(np.int32) - 1, z.astype(np.float32)
-        keys_arr = self.trace["attention_top_keys"]
-        w_arr = self.trace["attention_top_weights"]
-
         def load(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-            return combine_heads(keys_arr[lo:hi], w_arr[lo:hi], heads)
+            return combine_heads(self.trace["attention_top_keys"][lo:hi],
+                                 self.trace["attention_top_weights"][lo:hi], heads)
 
         parts = self._rows(("top", str(heads)), a, b, SUMMARY_BLOCK, self.n_positions, load)
         if not parts:
-            K = keys_arr.shape[-1]
+            K = self.trace["attention_top_keys"].shape[-1]
             return (np.zeros((0, self.n_floors, K), np.int32),
                     np.zeros((0, self.n_floors, K), np.float32))
         keys = np.concatenate([v[0][i0:i1] for v, i0, i1 in parts])
@@ -319,13 +361,12 @@ class TraceSource:
             kk = self._array_rows("attention_top_keys", q0, q1, tail=(floor, int(heads)))
             ww = self._array_rows("attention_top_weights", q0, q1, tail=(floor, int(heads)))
             return sparse_rows_to_dense(kk, ww, k0, nk)
-        arr = self.trace["attention"]
-
         for kb in range(k0 // KEY_BLOCK, -(-k1 // KEY_BLOCK)):
             klo, khi = kb * KEY_BLOCK, min(self.n_positions, (kb + 1) * KEY_BLOCK)
 
             def load(lo: int, hi: int, klo: int = klo, khi: int = khi) -> np.ndarray:
-                block = arr[lo:hi, floor, :, klo:khi].astype(np.float32)  # [rows, head, key]
+                # [rows, head, key]
+                block = self.trace["attention"][lo:hi, floor, :, klo:khi].astype(np.float32)
                 if heads == "mean":
                     return block.mean(axis=1)
                 if heads == "max":
@@ -348,44 +389,19 @@ class TraceSource:
             n = self.n_positions
             picks = np.unique(np.linspace(0, max(0, n - 1), min(samples, n)).astype(int))
             vals = []
-            with self._read_lock:
-                for p in picks:
+            for p in picks:
+                self._before_read(("scale", key))
+                with self._read_lock:
                     row = self.trace[array][int(p)] if floor is None else (
                         self.trace[array][int(p), self.out_points[floor] if array == "residual"
                                           else floor])
-                    vals.append(np.abs(np.asarray(row, np.float32)).ravel())
+                vals.append(np.abs(np.asarray(row, np.float32)).ravel())
             allv = np.concatenate(vals) if vals else np.zeros(1)
             scale = float(np.percentile(allv, 99)) if allv.size else 1.0
             self._scales[key] = scale if scale > 0 else 1.0
         return self._scales[key]
 
-    # -- prefetch ---------------------------------------------------------------------------
-    def prefetch(self, job: Callable[[], Any]) -> None:
-        """Run ``job`` (which reads through this source) in the background; a newer request
-        replaces one that has not started."""
-        if self._executor is None:
-            return
-        self._prefetch_gen += 1
-        gen = self._prefetch_gen
-
-        def run() -> None:
-            if gen != self._prefetch_gen:
-                return  # superseded before it started
-            with contextlib.suppress(Exception):  # a failed prefetch only loses a warm cache
-                job()
-
-        self._prefetch_future = self._executor.submit(run)
-
-    def wait_prefetch(self, timeout: float | None = None) -> None:
-        fut = self._prefetch_future
-        if fut is not None:
-            fut.result(timeout)
-
     def close(self) -> None:
-        if self._executor is not None:
-            self._prefetch_gen += 1
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
         self.cache.clear()
         if self._owns_trace:
             self.trace.close()

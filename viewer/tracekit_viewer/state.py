@@ -93,6 +93,7 @@ KEYMAP: tuple[tuple[str, str, str], ...] = (
     ("0", "camera: three-quarter", "view_iso"),
     ("Escape", "clear focus and tracing", "clear"),
     ("s", "save a screenshot (PNG, current folder)", "save_screenshot"),
+    ("r", "read the step again (after a read error)", "retry"),
     ("h", "show / hide this help", "toggle_help"),
     ("question", "show / hide this help", "toggle_help"),
     ("q", "quit", "quit"),
