@@ -258,6 +258,9 @@ def test_corrupt_byte_fails_the_crc(tmp_path: Path, synthetic: Path) -> None:
     at = zipfile.ZipFile(tmp_path / "t.zip").getinfo("zarr.json").header_offset + 30 + 9 + 5
     data[at] ^= 1
     (tmp_path / "t.zip").write_bytes(bytes(data))
+    with (ZipSource(LocalFileSource(tmp_path / "t.zip")) as packed,
+          pytest.raises(CorruptTraceError, match="t.zip/zarr.json fails its CRC-32")):
+        packed.get("zarr.json", 1 << 20)
     with pytest.raises(CorruptTraceError, match="zarr.json fails its CRC-32"):
         unpack(tmp_path / "t.zip", tmp_path / "back.zarr")
     assert not (tmp_path / "back.zarr").exists()
@@ -320,6 +323,12 @@ def test_cli_pack_and_unpack(synthetic: Path, tmp_path: Path) -> None:
     (back / "residual" / "c.0.0.0").write_bytes(b"spoiled")
     assert runner.invoke(main, ["unpack", str(out), str(back), "--force"]).exit_code == 0
     assert _files(back) == _files(synthetic)
+    # --force replaces a folder with a pack and a file with a folder
+    assert runner.invoke(main, ["pack", str(synthetic), str(back), "--force"]).exit_code == 0
+    assert back.is_file() and back.read_bytes() == out.read_bytes()
+    assert runner.invoke(main, ["unpack", str(out), str(back), "--force"]).exit_code == 0
+    assert _files(back) == _files(synthetic)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.zarr", "t.zip"]
 
 
 def test_cli_refusals_are_one_line(tmp_path: Path) -> None:

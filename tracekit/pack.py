@@ -127,13 +127,17 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``, replacing what is there only now that ``tmp`` is complete."""
-    if out.is_dir() and not out.is_symlink():
-        old = _temp_sibling(out, "old")
-        os.rename(out, old)
-        os.rename(tmp, out)
+    if not (out.exists() or out.is_symlink()) or (tmp.is_file() and out.is_file()
+                                                   and not out.is_symlink()):
+        os.replace(tmp, out)  # atomic
+        return
+    old = _temp_sibling(out, "old")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
     else:
-        os.replace(tmp, out)
+        old.unlink()
 
 
 class _ZipWriter:
