@@ -10,7 +10,7 @@ For each trace (the demo sample, and a larger synthetic one), prints in one run:
   cold (each file's cached pages dropped with ``posix_fadvise`` before every trial);
 * the same reads through zarr-python alone (``ZipStore`` vs ``LocalStore``), for reference.
 
-Trials alternate folder and pack; medians of ``--repeat`` trials. ::
+Trials alternate folder and packs (order rotated each trial); medians of ``--repeat`` trials. ::
 
     python benchmarks/bench_pack.py                 # the README table
     python benchmarks/bench_pack.py --positions 500 --repeat 3   # quick look
@@ -138,10 +138,12 @@ def bench(label: str, trace: Path, work: Path, repeat: int, n_reads: int) -> Non
     warm = {k: [] for k in makers}
     cold = {k: [] for k in makers}
     zwarm = {"LocalStore": [], "ZipStore": []}
-    for _ in range(repeat):
+    order = list(makers)
+    for trial in range(repeat):
         positions = [int(p) for p in rng.integers(0, n_pos, n_reads)]
         chunks = [chunk_reads(meta, p) for p in positions]
-        for name, (make, paths) in makers.items():
+        for name in order[trial % 3:] + order[:trial % 3]:  # rotated: drift hits all alike
+            make, paths = makers[name]
             open_and_read(make, chunks)  # warm the cache
             warm[name].append(open_and_read(make, chunks))
             drop_cache(paths)
