@@ -92,7 +92,7 @@ def test_zipsource_serves_what_the_folder_does(trace: Path, tmp_path: Path) -> N
         assert packed.get("zarr.json", 1 << 20) == folder.get("zarr.json", 1 << 20)
         assert packed.get("nothing", 10) is None and packed.size("nothing") is None
         keys = sorted(_files(trace))
-        assert sorted(packed.keys()) == keys
+        assert sorted(packed.names()) == keys
         for prefix in {"", *(k.rsplit("/", 1)[0] for k in keys if "/" in k)}:
             assert packed.list(prefix) == folder.list(prefix), prefix
         reads_p, reads_f = [], []
@@ -126,7 +126,7 @@ def test_zipsource_reads_a_directory_larger_than_its_first_read(
     pack(synthetic, tmp_path / "t.zip")
     with ZipSource(LocalFileSource(tmp_path / "t.zip")) as packed:
         assert packed.get("zarr.json", 1 << 20) == (synthetic / "zarr.json").read_bytes()
-        assert sorted(packed.keys()) == sorted(_files(synthetic))
+        assert sorted(packed.names()) == sorted(_files(synthetic))
 
 
 # -- ZIP64 -------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_zip64_more_than_65535_entries(tmp_path: Path) -> None:
             z.writestr(f"a/c.{i}", struct.pack("<I", i))
         z.writestr("zarr.json", b"{}")
     with ZipSource(LocalFileSource(path)) as packed:
-        assert len(packed.keys()) == 66_001 and len(packed.list("a")) == 66_000
+        assert len(packed.names()) == 66_001 and len(packed.list("a")) == 66_000
         reads = [Read(f"a/c.{i}", 0, np.zeros(4, np.uint8)) for i in (0, 65_535, 65_999)]
         packed.fetch(reads)
         assert [int(r.out.view("<u4")[0]) for r in reads] == [0, 65_535, 65_999]
@@ -365,3 +365,56 @@ def test_cli_shows_progress_on_a_terminal(tmp_path: Path) -> None:
                                 env={"FORCE_COLOR": "1", "TTY_INTERACTIVE": "1"})
     assert result.exit_code == 0
     assert "packing" in result.output
+
+
+class _CountingSource(LocalFileSource):
+    """A local file source that records the ranged reads asked of it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    def fetch(self, reads) -> None:
+        self.batches.append(len(reads))
+        super().fetch(reads)
+
+
+def test_open_is_one_ranged_read_and_each_batch_two(synthetic: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a remote pack costs in requests: the tail once, then per fetch the local headers
+    not yet seen (one batch) and the data (one batch)."""
+    import tracekit.storage._zip as zipmod
+
+    pack(synthetic, tmp_path / "t.zip")
+    inner = _CountingSource(tmp_path / "t.zip")
+    packed = ZipSource(inner)
+    assert inner.batches == [1]
+    keys = [k for k in packed.names() if k.startswith("residual/c.")]
+    packed.fetch([Read(k, 0, np.empty(packed.size(k), np.uint8)) for k in keys])
+    assert inner.batches == [1, len(keys), len(keys)]
+    packed.fetch([Read(keys[0], 0, np.empty(4, np.uint8))])  # header known: data only
+    assert inner.batches == [1, len(keys), len(keys), 1]
+    monkeypatch.setattr(zipmod, "TAIL_BYTES", 100)
+    inner = _CountingSource(tmp_path / "t.zip")
+    ZipSource(inner)
+    assert inner.batches == [1, 1]  # the directory did not fit in the tail: one more read
+
+
+def test_folder_entries_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "f.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.mkdir("a")
+        z.writestr("a/c.0", b"abc")
+        z.writestr("zarr.json", b"{}")
+    with ZipSource(LocalFileSource(path)) as packed:
+        assert packed.names() == ["a/c.0", "zarr.json"] and packed.list("") == ["a", "zarr.json"]
+        assert packed.size("a") is None and packed.list("a") == ["c.0"]
+
+
+def test_zip64_locator_past_the_end_is_refused(synthetic: Path, tmp_path: Path) -> None:
+    pack(synthetic, tmp_path / "t.zip", zip64_limit=1)
+    data = bytearray((tmp_path / "t.zip").read_bytes())
+    struct.pack_into("<Q", data, len(data) - 22 - 20 + 8, 10**12)
+    (tmp_path / "t.zip").write_bytes(bytes(data))
+    with pytest.raises(CorruptTraceError, match="ZIP64 end record lies past its locator"):
+        ZipSource(LocalFileSource(tmp_path / "t.zip"))

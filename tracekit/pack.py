@@ -269,7 +269,7 @@ def unpack(pack_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
         if out.resolve() == pack_path.resolve():
             raise TraceError("source and destination are the same")
     with ZipSource(LocalFileSource(pack_path)) as source:
-        keys = source.keys()
+        keys = source.names()
         if source.size("zarr.json") is None:
             raise NotATraceError(f"{pack_path} holds no zarr.json at its root: not a packed "
                                  f"trace")

@@ -264,7 +264,7 @@ class ZipSource(Source):
         entry = self._entries.get(key)
         return None if entry is None else entry.crc
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Every file of the packed store, in the order the pack holds them."""
         return [e.name for e in sorted(self._entries.values(), key=lambda e: e.header)]
 
