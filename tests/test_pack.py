@@ -148,17 +148,19 @@ def test_zip64_pack_is_read_by_everyone(synthetic: Path, tmp_path: Path) -> None
                           zarr.open_group(str(synthetic), mode="r")["residual"][...])
 
 
-def test_zip64_more_than_65535_entries(tmp_path: Path) -> None:
+@pytest.mark.parametrize("n", [65_534, 66_000])  # 65535 entries: the classic record's maximum
+def test_zip64_more_than_65535_entries(tmp_path: Path, n: int) -> None:
     path = tmp_path / "many.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for i in range(66_000):
+        for i in range(n):
             z.writestr(f"a/c.{i}", struct.pack("<I", i))
         z.writestr("zarr.json", b"{}")
+    assert (path.read_bytes()[-22 - 20: -22 - 16] == b"PK\x06\x07") == (n > 65_534)
     with ZipSource(LocalFileSource(path)) as packed:
-        assert len(packed.names()) == 66_001 and len(packed.list("a")) == 66_000
-        reads = [Read(f"a/c.{i}", 0, np.zeros(4, np.uint8)) for i in (0, 65_535, 65_999)]
+        assert len(packed.names()) == n + 1 and len(packed.list("a")) == n
+        reads = [Read(f"a/c.{i}", 0, np.zeros(4, np.uint8)) for i in (0, 65_533, n - 1)]
         packed.fetch(reads)
-        assert [int(r.out.view("<u4")[0]) for r in reads] == [0, 65_535, 65_999]
+        assert [int(r.out.view("<u4")[0]) for r in reads] == [0, 65_533, n - 1]
 
 
 # -- hostile zips ------------------------------------------------------------------------------

@@ -106,13 +106,17 @@ class ZipSource(Source):
         self.location = inner.describe(key)
         self.local_path = None  # keys are not files on this machine
         self._lock = threading.Lock()
-        size = inner.size(key)
-        if size is None:
-            raise CorruptTraceError(f"{self.location} does not exist")
-        self._size = size
         self._entries: dict[str, _Entry] = {}
         self._children: dict[str, set[str]] = {"": set()}
-        self._read_directory()
+        try:
+            size = inner.size(key)
+            if size is None:
+                raise CorruptTraceError(f"{self.location} does not exist")
+            self._size = size
+            self._read_directory()
+        except BaseException:
+            inner.close()
+            raise
 
     # -- opening --------------------------------------------------------------------------
     def _range(self, offset: int, n: int) -> bytes:
@@ -157,8 +161,6 @@ class ZipSource(Source):
             if z_disk != 0 or n_disks > 1:
                 raise self._corrupt("a multi-volume zip")
             end_records = rec_at
-        elif 0xFFFF in (n_here, count) or 0xFFFFFFFF in (cd_size, cd_offset):
-            raise self._corrupt("ZIP64 sizes without a ZIP64 end record")
         if disk != 0 or cd_disk != 0 or n_here != count:
             raise self._corrupt("a multi-volume zip")
         if cd_size > MAX_DIRECTORY_BYTES or count * _CENTRAL.size > cd_size:
