@@ -208,3 +208,8 @@ from .view_cli import render, view  # noqa: E402 - imports tracekit_viewer (VTK)
 
 main.add_command(view)
 main.add_command(render)
+
+from .pack_cli import pack, unpack  # noqa: E402
+
+main.add_command(pack)
+main.add_command(unpack)
