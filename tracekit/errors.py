@@ -71,3 +71,12 @@ class TraceExistsError(TraceError, FileExistsError):
 
 class TokenIdError(TraceError, IndexError):
     """A token id outside the trace's vocabulary (``Trace.decode``)."""
+
+
+class RemoteError(TraceError):
+    """A trace on HTTP or an object store could not be read: the server kept failing (5xx,
+    429), the connection broke or timed out, or the remote-access packages are missing."""
+
+
+class RemoteAccessError(RemoteError):
+    """The server refused access (HTTP 401/403) or no credentials were found."""
