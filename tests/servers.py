@@ -190,14 +190,12 @@ class _FaultHandler(BaseHTTPRequestHandler):
             if self.command == "HEAD":
                 return
             if fault is not None and fault.kind == "truncate" and body:
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
-                with owner.lock:
-                    owner.stats.bytes_sent += len(body) // 2
-                self._drop()
-            self.wfile.write(body)
-            with owner.lock:
+                body = body[: len(body) // 2]
+            with owner.lock:  # counted before sending: a client may be done before we are
                 owner.stats.bytes_sent += len(body)
+            self.wfile.write(body)
+            if fault is not None and fault.kind == "truncate":
+                self._drop()
         finally:
             with owner.lock:
                 owner.stats.in_flight -= 1
@@ -297,11 +295,10 @@ class _FileHandler(_FaultHandler):
         target = (root / rel).resolve()
         if (root not in target.parents and target != root) or not target.is_file():
             return 404, {}, b"not found"
-        data = target.read_bytes()
-        size = len(data)
+        size = target.stat().st_size
         spec = self.headers.get("Range")
         if spec is None or "," in spec or not spec.startswith("bytes="):
-            return 200, {"Accept-Ranges": "bytes"}, data
+            return 200, {"Accept-Ranges": "bytes"}, target.read_bytes()
         first, _, last = spec.removeprefix("bytes=").partition("-")
         if first == "":  # the last N bytes
             start, end = max(0, size - int(last)), size
@@ -309,7 +306,10 @@ class _FileHandler(_FaultHandler):
             start, end = int(first), min(size, int(last) + 1 if last else size)
         if start >= size:
             return 416, {"Content-Range": f"bytes */{size}"}, b""
-        return 206, {"Content-Range": f"bytes {start}-{end - 1}/{size}"}, data[start:end]
+        with open(target, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start)
+        return 206, {"Content-Range": f"bytes {start}-{end - 1}/{size}"}, body
 
 
 class HTTPFileServer(_LoopbackServer):

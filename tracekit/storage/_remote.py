@@ -139,7 +139,7 @@ class RemoteSource(Source):
             config = dict(options.pop("config_kwargs", None) or {})
             config.setdefault("connect_timeout", self._connect)
             config.setdefault("read_timeout", self._read_timeout)
-            config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})  # ours retry
+            config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})  # ours
             config.setdefault("max_pool_connections", self._concurrency)
             options["config_kwargs"] = config
         options.setdefault("skip_instance_cache", True)
