@@ -100,6 +100,7 @@ class RemoteSource(Source):
         self._concurrency = max(1, int(settings["concurrency"]))
         self._cache = cache
         self._pool: ThreadPoolExecutor | None = None
+        self._sem: asyncio.Semaphore | None = None
         parts = urlsplit(url)
         self.protocol = parts.scheme.lower() if "::" not in url else url.split("::")[-1].split(
             "://")[0]
@@ -110,12 +111,11 @@ class RemoteSource(Source):
                 self._init_fsspec(url, options)
         except RemoteError:
             raise
-        except Exception as exc:  # bad options, unknown protocol, missing driver
-            if isinstance(exc, ImportError | ValueError) and "protocol" in str(exc).lower():
-                raise RemoteError(f"{self.location}: {self._redact(str(exc))}") from None
-            failure = classify(exc, self.protocol)
-            raise RemoteError(f"{self.location}: cannot open ({self._redact(failure.text)})"
-                              ) from None
+        except ImportError as exc:  # fsspec knows the protocol, its package is missing
+            raise RemoteError(f"{self.location}: {self._redact(str(exc))}") from None
+        except Exception as exc:  # an unknown protocol, bad storage_options
+            text = self._redact(f"{type(exc).__name__}: {exc}")
+            raise RemoteError(f"{self.location}: cannot open ({text})") from None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -239,11 +239,10 @@ class RemoteSource(Source):
         path = self._path(prefix.strip("/"))
         self._fs.invalidate_cache(path)
         names = await self._call("ls", path, detail=False)
-        base = path.rstrip("/").rsplit("/", 1)[-1]
-        out = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in names}
+        path = path.rstrip("/")
+        out = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in names
+               if str(n).rstrip("/") != path}  # a file lists as itself
         out.discard("")
-        if len(names) == 1 and out == {base}:  # a file lists as itself
-            return []
         return sorted(out)
 
     # -- retries --------------------------------------------------------------------------------
@@ -282,8 +281,11 @@ class RemoteSource(Source):
         return self._fsspec.asyn.sync(self._loop, lambda: coro)
 
     async def _gather(self, jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
-        """Every job, ``concurrency`` at a time; the first error once all have finished."""
-        sem = asyncio.Semaphore(self._concurrency)
+        """Every job, at most ``concurrency`` in flight (over all threads' calls); the first
+        error once all have finished."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._concurrency)  # on the loop's own thread
+        sem = self._sem
 
         async def one(job: Callable[[], Awaitable[T]]) -> T:
             async with sem:
@@ -368,7 +370,7 @@ class RemoteSource(Source):
         return self._run(self._gather(jobs))
 
     def list(self, prefix: str = "") -> list[str] | None:
-        if self.protocol in _HTTP and not hasattr(self, "_root"):
+        if self._attempt_range == self._http_range:
             return None  # plain HTTP has no listing (HTML index pages are not one)
         return self._run(self._retrying(prefix, partial(self._fs_list, prefix), 0,
                                         absent=[]))
