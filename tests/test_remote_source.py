@@ -295,7 +295,7 @@ def test_s3_reads_of_one_fetch_overlap(bucket):
     elapsed = time.perf_counter() - start
     _check(reads, files)
     assert proxy.stats.max_in_flight >= 8
-    assert elapsed < 32 * 0.1 / 3, elapsed
+    assert elapsed < 32 * 0.1 / 2, elapsed  # one after another: over 3.2 s
 
 
 def test_s3_faults(bucket):
