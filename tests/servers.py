@@ -297,7 +297,8 @@ class _FileHandler(_FaultHandler):
             return 404, {}, b"not found"
         size = target.stat().st_size
         spec = self.headers.get("Range")
-        if spec is None or "," in spec or not spec.startswith("bytes="):
+        if spec is None or "," in spec or not spec.startswith("bytes=") or \
+                self.server.owner.ignore_ranges:  # type: ignore[attr-defined]
             return 200, {"Accept-Ranges": "bytes"}, target.read_bytes()
         first, _, last = spec.removeprefix("bytes=").partition("-")
         if first == "":  # the last N bytes
@@ -314,12 +315,13 @@ class _FileHandler(_FaultHandler):
 
 class HTTPFileServer(_LoopbackServer):
     """Serves the files under ``root`` (no directory listings), honouring single byte ranges
-    (206 with Content-Range, 416 past the end)."""
+    (206 with Content-Range, 416 past the end) unless ``ignore_ranges``."""
 
     handler = _FileHandler
 
     def __init__(self, root: str | os.PathLike[str], latency: float = 0.0) -> None:
         self.root = Path(root).resolve()
+        self.ignore_ranges = False  # True: answer every GET with the whole file (200)
         super().__init__(latency)
 
 

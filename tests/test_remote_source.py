@@ -204,6 +204,15 @@ def test_credentials_never_appear_in_messages(http_server):
         assert not any(s in text for s in secrets), text
 
 
+def test_a_server_that_ignores_ranges(served):
+    server, src, files = served
+    server.ignore_ranges = True
+    reads = _random_reads(files, 10)
+    src.fetch(reads)
+    _check(reads, files)
+    assert src.size("a.bin") == 300_000 and src.get("zarr.json", 100) == files["zarr.json"]
+
+
 def test_single_file_trace_is_the_empty_key(http_server):
     data = _payload(200_000, 5)
     (http_server.root / "t.h5").write_bytes(data)

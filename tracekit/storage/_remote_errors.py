@@ -71,6 +71,11 @@ class HTTPStatusError(Exception):
         self.status, self.reason = status, reason
 
 
+class ServerProtocolError(Exception):
+    """The server answered in a way no correct one does (a range other than the one asked,
+    no size): final, not retried."""
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -105,6 +110,8 @@ def _status(exc: BaseException) -> tuple[int | None, str]:
 
 def classify(exc: BaseException, protocol: str) -> Failure:
     """What ``exc`` (raised by one request attempt) means."""
+    if isinstance(exc, ServerProtocolError):
+        return Failure(FATAL, str(exc))
     chain = list(_chain(exc))
     for e in chain:
         if _names(e) & _NOT_STATUS:
