@@ -15,6 +15,7 @@ import pytest
 
 from tracekit.errors import CorruptTraceError, RemoteAccessError, RemoteError, TraceError
 from tracekit.storage._remote import open_remote
+from tracekit.storage._remote_cache import RangeCache
 from tracekit.storage._source import Read
 
 pytest.importorskip("fsspec")
@@ -241,7 +242,8 @@ def test_cache_makes_a_second_fetch_free_and_stays_bounded(http_server, tmp_path
     assert http_server.reset_stats().count == 0
 
     # a corrupt entry is dropped and read again, never trusted
-    entry = next(p for p in cache.rglob("*") if p.is_file())
+    name = RangeCache.entry_name(f"{http_server.url}/t", "a.bin", 0, 300_001, 300_000)
+    entry = cache / name[:2] / name  # the whole of a.bin (a range read once)
     entry.write_bytes(entry.read_bytes()[:-3] + b"XYZ")
     with open_remote(f"{http_server.url}/t", cache_dir=str(cache)) as src:
         src.fetch(third := _random_reads(files, 40))
@@ -254,8 +256,38 @@ def test_cache_makes_a_second_fetch_free_and_stays_bounded(http_server, tmp_path
         for seed in range(6):
             src.fetch(reads := _random_reads(files, 20, seed=seed, max_len=8000)[:20])
             _check(reads, files)
-    stored = sum(p.stat().st_size for p in small.rglob("*") if p.is_file())
+    stored = sum(p.stat().st_size for p in small.glob("*/*") if p.is_file())
     assert 0 < stored <= limit
+
+
+def test_cache_shared_by_processes(http_server, tmp_path):
+    files = _files(http_server.root / "t")
+    cache = tmp_path / "shared"
+    code = """
+import sys, numpy as np
+from tracekit.storage._remote import open_remote
+from tracekit.storage._remote_cache import RangeCache
+from tracekit.storage._source import Read
+url, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(seed)
+reads = [Read("a.bin", int(o), np.empty(5000, np.uint8)) for o in rng.integers(0, 290000, 60)]
+with open_remote(url, cache_dir=cache, cache_bytes=400_000) as src:
+    for _ in range(3):
+        src.fetch(reads)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"{http_server.url}/t", str(cache),
+                               str(seed)]) for seed in (0, 1)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    stored = [p for p in cache.glob("*/*") if p.is_file()]  # entries, by hash prefix
+    assert not [p for p in stored if p.name.startswith(".")]  # no temporary file left
+    assert 0 < sum(p.stat().st_size for p in stored) <= 400_000
+    reads = [Read("a.bin", int(o), np.empty(5000, np.uint8))
+             for o in np.random.default_rng(1).integers(0, 290000, 60)]
+    http_server.reset_stats()
+    with open_remote(f"{http_server.url}/t", cache_dir=str(cache), cache_bytes=400_000) as src:
+        src.fetch(reads)
+    _check(reads, files)
+    assert http_server.stats.count < 60  # the last process's entries are there
 
 
 # -- S3 (moto) through the fault/latency proxy --------------------------------------------------

@@ -81,7 +81,13 @@ def open_remote(url: str, storage_options: dict[str, Any] | None = None,
             raise RemoteError(f"{name} must be a positive number, not {value!r}")
     cache = None
     if cache_dir is not None:
-        cache = RangeCache(cache_dir, cache_bytes or DEFAULT_CACHE_BYTES)
+        if cache_bytes is not None and cache_bytes <= 0:
+            raise RemoteError(f"cache_bytes must be positive, not {cache_bytes}")
+        try:
+            cache = RangeCache(cache_dir, cache_bytes or DEFAULT_CACHE_BYTES)
+        except OSError as exc:
+            raise RemoteError(f"cache folder {cache_dir}: {os.strerror(exc.errno or 0)}"
+                              ) from None
     return RemoteSource(url, options, settings, cache, storage_options)
 
 

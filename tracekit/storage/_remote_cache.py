@@ -5,8 +5,9 @@ Each entry is one plain file named by a hash of (location, key, offset, length a
 expected); its bytes are a 16-byte header (magic, length, CRC-32C) followed by the data. A file
 whose header, length or checksum does not match is deleted and read again from the server,
 never trusted. Entries are written to a temporary file and renamed into place, so processes
-sharing the folder never see half an entry; the least recently used (by modification time,
-refreshed on every hit) are deleted when the folder grows past its byte limit.
+sharing the folder never see half an entry; they keep one count of its bytes (``.usage``,
+updated under a file lock), and the least recently used entries (by modification time,
+refreshed on every hit) are deleted when it grows past the byte limit.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
+
+try:
+    import fcntl
+except ImportError:  # Windows: processes do not share the count
+    fcntl = None  # type: ignore[assignment]
 
 _MAGIC = b"TKRC"
 _HEADER = struct.Struct("<4sQI")  # magic, data length, CRC-32C of the data
 #: Default byte limit when only a folder is given.
 DEFAULT_CACHE_BYTES = 1 << 30
-#: Re-count the folder after this many writes even under the limit (other processes add too).
-_RESCAN_EVERY = 256
 
 
 class RangeCache:
@@ -39,8 +44,6 @@ class RangeCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.limit = limit
         self._lock = threading.Lock()
-        self._total = self._scan_total()
-        self._writes = 0
 
     @staticmethod
     def entry_name(location: str, key: str, offset: int, length: int,
@@ -87,12 +90,41 @@ class RangeCache:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             return
+        with self._locked():
+            total = self._read_usage() + size
+            if total > self.limit:
+                total = self._evict()
+            self._write_usage(total)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's lock, and an exclusive lock on the folder's ``.lock`` file (where
+        fcntl exists) so that processes sharing the folder count its bytes together."""
         with self._lock:
-            self._total += size
-            self._writes += 1
-            due = self._total > self.limit or self._writes % _RESCAN_EVERY == 0
-        if due:
-            self._evict()
+            if fcntl is None:
+                yield
+                return
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+
+    def _read_usage(self) -> int:
+        """The bytes the folder holds, as counted in ``.usage`` (recounted when absent or
+        unreadable). It may overstate (a deleted corrupt entry, one written twice), which only
+        makes the next eviction pass recount sooner; it never understates."""
+        try:
+            return int((self.root / ".usage").read_text("ascii"))
+        except (OSError, ValueError):
+            return sum(size for _, size, _ in self._entries())
+
+    def _write_usage(self, total: int) -> None:
+        tmp = self.root / f".usage.{os.getpid()}.{threading.get_ident()}"
+        with contextlib.suppress(OSError):
+            tmp.write_text(str(total), "ascii")
+            os.replace(tmp, self.root / ".usage")
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         out = []
@@ -107,11 +139,9 @@ class RangeCache:
                     out.append((st.st_mtime, st.st_size, path))
         return out
 
-    def _scan_total(self) -> int:
-        return sum(size for _, size, _ in self._entries())
-
-    def _evict(self) -> None:
-        """Delete the least recently used entries until the folder is under 90% of its limit."""
+    def _evict(self) -> int:
+        """Delete the least recently used entries until the folder is under 90% of its limit;
+        the bytes left."""
         entries = sorted(self._entries(), key=lambda e: e[0])
         total = sum(size for _, size, _ in entries)
         target = self.limit * 9 // 10 if total > self.limit else total
@@ -121,9 +151,8 @@ class RangeCache:
             with contextlib.suppress(OSError):
                 path.unlink()
             total -= size
-        with self._lock:
-            self._total = total
+        return total
 
     def total_bytes(self) -> int:
         """Bytes the folder holds now (all processes' entries)."""
-        return self._scan_total()
+        return sum(size for _, size, _ in self._entries())
