@@ -171,15 +171,19 @@ class RemoteSource(Source):
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root
 
-    async def _http_range(self, key: str, start: int, end: int) -> bytes | None:
+    async def _http_get(self, key: str, first: int, last: int) -> Any:
+        """A GET of bytes ``first..last`` of ``key`` with the filesystem's own request options
+        (headers, auth), uncompressed (a ``Content-Length`` must count the object's bytes)."""
         import yarl
 
         session = await self._fs.set_session()
         kwargs = dict(self._fs.kwargs)
         headers = dict(kwargs.pop("headers", None) or {})
-        headers.update({"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
-        async with session.get(yarl.URL(self._url(key), encoded=True), headers=headers,
-                               **kwargs) as r:
+        headers.update({"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"})
+        return session.get(yarl.URL(self._url(key), encoded=True), headers=headers, **kwargs)
+
+    async def _http_range(self, key: str, start: int, end: int) -> bytes | None:
+        async with await self._http_get(key, start, end - 1) as r:
             if r.status == 206:
                 first = r.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
                 if first.strip() != str(start):
@@ -189,13 +193,13 @@ class RemoteSource(Source):
                     raise ServerProtocolError("the server sent more bytes than the range asked")
                 return data
             if r.status == 200:  # the server ignores Range: read no further than needed
-                data = b""
+                data = bytearray()
                 while len(data) < end:
                     piece = await r.content.read(end - len(data))
                     if not piece:
                         break
                     data += piece
-                return data[start:end]
+                return bytes(data[start:end])
             if r.status in (404, 410):
                 return None
             if r.status == 416:
@@ -205,14 +209,7 @@ class RemoteSource(Source):
     async def _http_size(self, key: str) -> int | None:
         """The size from a one-byte ranged GET (``Content-Range: bytes 0-0/N``): unlike HEAD it
         works with pre-signed URLs, which sign the method."""
-        import yarl
-
-        session = await self._fs.set_session()
-        kwargs = dict(self._fs.kwargs)
-        headers = dict(kwargs.pop("headers", None) or {})
-        headers.update({"Range": "bytes=0-0", "Accept-Encoding": "identity"})
-        async with session.get(yarl.URL(self._url(key), encoded=True), headers=headers,
-                               **kwargs) as r:
+        async with await self._http_get(key, 0, 0) as r:
             if r.status in (404, 410):
                 return None
             total = r.headers.get("Content-Range", "").rpartition("/")[2]
