@@ -76,3 +76,29 @@ def s3(s3_server_session, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_server_session
+
+
+# -- remote traces: an HTTP file server and a fault proxy in front of the S3 server ----------
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A loopback HTTP server of a fresh folder (``http_server.root``), with byte ranges,
+    request/byte counters and injectable faults (see ``servers.HTTPFileServer``)."""
+    from servers import HTTPFileServer
+
+    root = tmp_path / "served"
+    root.mkdir()
+    with HTTPFileServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_proxy(s3, monkeypatch):
+    """The loopback S3 server (emptied) behind a fault/latency proxy; ``AWS_ENDPOINT_URL``
+    points at the proxy, so ``s3://`` URLs go through it (see ``servers.FaultProxy``)."""
+    from servers import FaultProxy
+
+    with FaultProxy(s3.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy

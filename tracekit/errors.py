@@ -74,9 +74,9 @@ class TokenIdError(TraceError, IndexError):
 
 
 class RemoteError(TraceError):
-    """A trace at a URL could not be reached or read: names the URL and the HTTP status or
-    the cause, after retries where retrying could help."""
+    """A trace on HTTP or an object store could not be read: the server kept failing (5xx,
+    429), the connection broke or timed out, or the remote-access packages are missing."""
 
 
 class RemoteAccessError(RemoteError):
-    """The store refused access (HTTP 401/403, credentials missing or wrong)."""
+    """The server refused access (HTTP 401/403) or no credentials were found."""
