@@ -95,6 +95,8 @@ class RemoteSource(Source):
     """A trace behind a URL. The empty key is the URL itself (a single-file trace); other keys
     are paths under it (a folder trace)."""
 
+    remote = True
+
     def __init__(self, url: str, options: dict[str, Any], settings: dict[str, float],
                  cache: RangeCache | None, given_options: dict[str, Any] | None) -> None:
         _require("fsspec.asyn", url)  # the event loop and its sync helper

@@ -79,6 +79,7 @@ class ZarrBackend(Backend):
         # Remote traces: array documents from the group's consolidated metadata, so that
         # opening costs one request, not one per array (each is checked like its own file).
         self._consolidated: dict[str, Any] = {}
+        self._root = root  # the group's document as opened, for the first read_root_meta
         if root is not None and source.remote:
             inline = (root.get("consolidated_metadata") or {}).get("metadata")
             if isinstance(inline, dict):
@@ -131,8 +132,10 @@ class ZarrBackend(Backend):
 
     # -- metadata ---------------------------------------------------------------------------
     def read_root_meta(self) -> dict[str, Any]:
+        root, self._root = self._root, None  # later calls read it again (refresh)
         try:
-            root = _read_json(self._source, "zarr.json", self.location)
+            if root is None:
+                root = _read_json(self._source, "zarr.json", self.location)
         except MissingArrayError as exc:  # created, and no metadata written yet
             raise NotATraceError(f"{self.location}: no zarr.json") from exc
         attrs = root.get("attributes")

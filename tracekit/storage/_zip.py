@@ -105,6 +105,7 @@ class ZipSource(Source):
         self._inner, self._key = inner, key
         self.location = inner.describe(key)
         self.local_path = None  # keys are not files on this machine
+        self.remote = inner.remote
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._children: dict[str, set[str]] = {"": set()}
