@@ -21,13 +21,15 @@ _DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Co
 
 @dataclass
 class Request:
-    """One request the proxy saw: method, object path (``/bucket/key``), times, status."""
+    """One request the proxy saw: method, object path (``/bucket/key``), query, times, status."""
 
     method: str
     path: str
+    query: str
     started: float
     ended: float = 0.0
     status: int = 0
+    upload: bool = False  #: an object's bytes (or a part of them), not a copy or a bucket
 
 
 @dataclass
@@ -65,8 +67,9 @@ class FaultProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                path = unquote(urlsplit(self.path).path)
-                record = Request(self.command, path, time.monotonic())
+                parts = urlsplit(self.path)
+                path = unquote(parts.path)
+                record = Request(self.command, path, parts.query, time.monotonic())
                 with proxy._lock:
                     proxy.log.append(record)
                     refuse, tampered = proxy._tamper(self.command, path, self.path, body)
@@ -86,6 +89,7 @@ class FaultProxy:
                         status, headers = resp.status, resp.getheaders()
                     finally:
                         conn.close()
+                record.ended, record.status = time.monotonic(), status  # the store answered
                 head = self.command == "HEAD"  # its Content-Length is the object's: keep it
                 self.send_response(status)
                 for k, v in headers:
@@ -96,7 +100,6 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                record.ended, record.status = time.monotonic(), status
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 
@@ -111,6 +114,7 @@ class FaultProxy:
         is_object = path.count("/") >= 2  # /bucket/key, not /bucket
         if not (method == "PUT" and is_object and (body or "partNumber" in raw)):
             return False, body
+        self.log[-1].upload = True
         self.faults.uploads += 1
         if self.faults.refuse_upload == self.faults.uploads:
             return True, body
@@ -123,7 +127,7 @@ class FaultProxy:
 
     def uploads(self) -> list[Request]:
         """Object uploads the store accepted, in the order they were sent."""
-        return [r for r in self.log if r.method == "PUT" and r.status == 200]
+        return [r for r in self.log if r.upload and r.status == 200]
 
     def close(self) -> None:
         self._server.shutdown()

@@ -5,10 +5,12 @@ HDF5 trace or a pack is one file; it becomes one object at the URL. Uploads run 
 (``jobs`` objects at a time); a file above :data:`PART_SIZE` x 2 goes up in parts of
 :data:`PART_SIZE` read from disk one at a time, so a multi-GB file is never held in memory.
 
-Integrity: the crc32c of every local file is computed while pushing; after an object is
-uploaded it is read back and its crc32c compared (``verify``). This works on every store,
+Integrity: the SHA-256 of every local file is computed while pushing; after an object is
+uploaded it is read back and its SHA-256 compared (``verify``). This works on every store,
 whatever checksums it keeps, and catches corruption anywhere between the local disk and the
-stored object.
+stored object. Not a CRC: a zarr chunk file ends in the crc32c of its bytes, and the crc32c of
+any such file is one constant (0x48674bc7, the CRC's residue), so a whole-object crc32c (S3's
+``ChecksumCRC32C`` included) cannot tell two chunk files of the same size apart.
 
 Crash safety: nothing at the URL looks like a complete trace before the push is complete. A
 zarr trace's root ``zarr.json`` (the file that makes a folder a trace) goes up last, after
@@ -16,12 +18,13 @@ every other object is uploaded and verified. A single file goes up under a tempo
 (``<url>.partial``), is verified there, and only then is moved to its final key (on S3 a
 server-side copy, which creates the object atomically, then a delete of the temporary key).
 Re-running an interrupted push completes it: an object already present with the local file's
-size is read back and kept when its crc32c is the local one, uploaded again otherwise.
+size is read back and kept when its SHA-256 is the local one, uploaded again otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import threading
@@ -32,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
-
 from .errors import TraceError, TraceExistsError, one_line
 
 Progress = Callable[[int, int], None]
@@ -41,6 +42,8 @@ Progress = Callable[[int, int], None]
 #: Part size of multipart uploads, and the block size of local and read-back checksums. A
 #: file under twice this size goes up in one request (s3fs's rule).
 PART_SIZE = 64 * 2**20
+#: Most parts S3 accepts in one multipart upload.
+MAX_PARTS = 10_000
 #: Parts of one file in flight at once: bounds a multipart file's memory to this x PART_SIZE.
 PARTS_IN_FLIGHT = 4
 #: Read-back block: objects up to this size are fetched in one request.
@@ -123,13 +126,13 @@ def trace_status(src: Path) -> str:
         raise PushError(f"{src}: a zip file but not a packed trace ({exc})") from None
 
 
-def file_crc32c(path: Path) -> int:
-    """crc32c of a local file, read in blocks (a multi-GB file is never in memory at once)."""
-    crc = 0
+def file_digest(path: Path) -> str:
+    """SHA-256 of a local file (hex), read in blocks: a multi-GB file is never in memory."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(READ_BLOCK):
-            crc = google_crc32c.extend(crc, block)
-    return crc
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # -- the destination ------------------------------------------------------------------------
@@ -141,7 +144,9 @@ def _filesystem(url: str, storage_options: dict[str, Any] | None):
     except ImportError:
         raise TraceError(f"pushing to a URL needs fsspec: {INSTALL_HINT}") from None
     try:
-        fs, path = url_to_fs(url, **(storage_options or {}))
+        # A fresh filesystem: fsspec's instance cache would keep one made before the
+        # environment (endpoint, credentials) changed.
+        fs, path = url_to_fs(url, **{"skip_instance_cache": True, **(storage_options or {})})
     except ImportError as exc:
         raise TraceError(
             f"{redact(url)}: {one_line(str(exc).splitlines()[0] if str(exc) else 'missing')}"
@@ -251,20 +256,21 @@ class _Push:
         return {p[len(prefix):]: int(info["size"]) for p, info in out.items()
                 if p.startswith(prefix) and info.get("type") != "directory"}
 
-    def remote_crc32c(self, key: str, size: int) -> int:
-        """crc32c of the stored object, read back in blocks."""
-        path, crc = self.remote(key), 0
+    def remote_digest(self, key: str, size: int) -> str | None:
+        """SHA-256 of the stored object (hex), read back in blocks; None when the store's own
+        checksum of it (botocore checks one where S3 returns it) does not match its bytes."""
+        path, digest = self.remote(key), hashlib.sha256()
         try:
             if size <= READ_BLOCK:
-                return google_crc32c.value(self.fs.cat_file(path))
+                return hashlib.sha256(self.fs.cat_file(path)).hexdigest()
             with self.fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none") as f:
                 while block := f.read(READ_BLOCK):
-                    crc = google_crc32c.extend(crc, block)
+                    digest.update(block)
         except Exception as exc:
-            if type(exc).__name__ == "FlexibleChecksumError":  # botocore checked the GET
-                raise self._differs(key, "the store's own checksum does not match") from None
+            if type(exc).__name__ == "FlexibleChecksumError":
+                return None
             raise self._fail(key, exc) from None
-        return crc
+        return digest.hexdigest()
 
     def _differs(self, key: str, detail: str) -> PushError:
         f = self.files[0] if self.single else next(f for f in self.files if f.key == key)
@@ -274,7 +280,8 @@ class _Push:
     def put(self, f: _File, key: str) -> None:
         path, options = self.remote(key), {}
         if _is_s3(self.fs):
-            options = {"chunksize": PART_SIZE, "max_concurrency": PARTS_IN_FLIGHT}
+            part = max(PART_SIZE, -(-f.size // MAX_PARTS))  # S3 takes at most 10,000 parts
+            options = {"chunksize": part, "max_concurrency": PARTS_IN_FLIGHT}
         elif "file" in _protocols(self.fs) or "local" in _protocols(self.fs):
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
         sent = _sent_callback(self.advance)
@@ -294,17 +301,19 @@ class _Push:
     # -- one file: skip when already there and equal, else upload; then verify --
 
     def send(self, f: _File, key: str, present: int | None) -> None:
-        local = file_crc32c(f.path)
-        if present == f.size and self.remote_crc32c(key, f.size) == local:
+        local = file_digest(f.path)
+        if present == f.size and self.remote_digest(key, f.size) == local:
             with self._lock:
                 self.skipped.append(key)
             self.advance(f.size * (2 if self.verify else 1))
             return
         self.put(f, key)
         if self.verify:
-            got = self.remote_crc32c(key, f.size)
+            got = self.remote_digest(key, f.size)
+            if got is None:
+                raise self._differs(key, "the store's own checksum does not match its bytes")
             if got != local:
-                raise self._differs(key, f"crc32c {got:08x}, expected {local:08x}")
+                raise self._differs(key, f"sha256 {got[:16]}..., expected {local[:16]}...")
             self.advance(f.size)
         with self._lock:
             self.uploaded.append(key)
@@ -336,6 +345,10 @@ def push(src: str | os.PathLike[str], url: str, storage_options: dict[str, Any] 
     existing trace at ``url`` (``force`` to replace it). ``storage_options`` go to fsspec
     (endpoint, credentials, ...); without them s3fs/botocore take them from the usual places
     (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``, ``~/.aws``)."""
+    if _USERINFO.search(url):
+        raise PushError(f"{redact(url)}: credentials in a URL are not used (they would show in "
+                        f"logs); give them through the environment (AWS_ACCESS_KEY_ID, "
+                        f"AWS_PROFILE, ...) or storage_options")
     src = Path(src)
     if not src.exists():
         raise PushError(f"{src}: no such file or folder")
