@@ -2,8 +2,9 @@
 
 A zarr trace is a folder of files; it becomes one object per file under the URL's prefix. An
 HDF5 trace or a pack is one file; it becomes one object at the URL. Uploads run concurrently
-(``jobs`` objects at a time); a file above :data:`PART_SIZE` x 2 goes up in parts of
-:data:`PART_SIZE` read from disk one at a time, so a multi-GB file is never held in memory.
+(``jobs`` objects at a time). On S3 a file of at least 2 x :data:`PART_SIZE` goes up as a
+multipart upload, :data:`PARTS_IN_FLIGHT` parts at a time, each read from disk when it is
+sent: a multi-GB file is never held in memory (smaller files go up in one request each).
 
 Integrity: the SHA-256 of every local file is computed while pushing; after an object is
 uploaded it is read back and its SHA-256 compared (``verify``). This works on every store,
@@ -16,7 +17,9 @@ Crash safety: nothing at the URL looks like a complete trace before the push is 
 zarr trace's root ``zarr.json`` (the file that makes a folder a trace) goes up last, after
 every other object is uploaded and verified. A single file goes up under a temporary key
 (``<url>.partial``), is verified there, and only then is moved to its final key (on S3 a
-server-side copy, which creates the object atomically, then a delete of the temporary key).
+server-side copy, which creates the object atomically, then a delete of the temporary key; a
+local file is renamed). An S3 multipart upload is invisible until completed as well, but
+only the temporary key lets the object be verified before anything is at its final key.
 Re-running an interrupted push completes it: an object already present with the local file's
 size is read back and kept when its SHA-256 is the local one, uploaded again otherwise.
 """
@@ -39,14 +42,15 @@ from .errors import TraceError, TraceExistsError, one_line
 
 Progress = Callable[[int, int], None]
 
-#: Part size of multipart uploads, and the block size of local and read-back checksums. A
-#: file under twice this size goes up in one request (s3fs's rule).
+#: Part size of multipart uploads (S3). A file under twice this size goes up in one request
+#: (s3fs's rule), so at most ``jobs`` x 2 x PART_SIZE bytes are in memory at once.
 PART_SIZE = 64 * 2**20
 #: Most parts S3 accepts in one multipart upload.
 MAX_PARTS = 10_000
 #: Parts of one file in flight at once: bounds a multipart file's memory to this x PART_SIZE.
 PARTS_IN_FLIGHT = 4
-#: Read-back block: objects up to this size are fetched in one request.
+#: Block of the local and read-back digests; objects up to this size are read back in one
+#: request.
 READ_BLOCK = 8 * 2**20
 #: The file that makes a zarr folder a trace: uploaded last.
 ROOT_KEY = "zarr.json"
@@ -359,7 +363,8 @@ def push(src: str | os.PathLike[str], url: str, storage_options: dict[str, Any] 
     files = _local_files(src)
     single = src.is_file()
     fs, root = _filesystem(url, storage_options)
-    if not root.strip("/") or (_is_s3(fs) and "/" not in root.strip("/")):
+    local = {"file", "local"} & set(_protocols(fs))
+    if not root.strip("/") or (not local and "/" not in root.strip("/")):
         raise PushError(f"{redact(url)}: name the trace's own key or prefix under the bucket "
                         f"(e.g. s3://bucket/traces/{src.name})")
     job = _Push(fs, root, url, files, single=single, progress=progress, verify=verify,
