@@ -66,9 +66,10 @@ def in_child(src: Path, url: str, verify: bool, env: dict) -> tuple[float, int]:
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(str(src), url, verify, env, q))
     p.start()
-    result = q.get()
     p.join()
-    return result
+    if p.exitcode != 0:
+        raise SystemExit(f"the push in a child process failed (exit {p.exitcode})")
+    return q.get(timeout=10)
 
 
 def main() -> None:

@@ -185,7 +185,7 @@ def convert(src: Path, dst: Path, fmt: str | None, force: bool) -> None:
               help="Push a trace that is still being recorded (status 'recording').")
 def push(trace: Path, url: str, force: bool, jobs: int, no_verify: bool,
          allow_incomplete: bool) -> None:
-    """Upload a trace to object storage (s3://, gs://, az://) or any fsspec URL, verified."""
+    """Upload a trace to object storage (s3://, gs://, ...), verified."""
     from .push import push as run_push
 
     try:

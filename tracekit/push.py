@@ -52,6 +52,8 @@ PARTS_IN_FLIGHT = 4
 #: Block of the local and read-back digests; objects up to this size are read back in one
 #: request.
 READ_BLOCK = 8 * 2**20
+#: Seconds s3fs waits for an S3 answer (its default, 15, is shorter than a large copy).
+S3_READ_TIMEOUT = 900
 #: The file that makes a zarr folder a trace: uploaded last.
 ROOT_KEY = "zarr.json"
 #: Suffix of the key a single file is uploaded under before it is moved into place.
@@ -150,7 +152,15 @@ def _filesystem(url: str, storage_options: dict[str, Any] | None):
     try:
         # A fresh filesystem: fsspec's instance cache would keep one made before the
         # environment (endpoint, credentials) changed.
-        fs, path = url_to_fs(url, **{"skip_instance_cache": True, **(storage_options or {})})
+        from fsspec.utils import get_protocol
+
+        options = {"skip_instance_cache": True, **(storage_options or {})}
+        if get_protocol(url) in ("s3", "s3a"):
+            # s3fs waits 15 s for an answer; a server-side copy of a multi-GB object (the last
+            # step of a single-file push) takes longer, and a retry while it runs fails.
+            options["config_kwargs"] = {"read_timeout": S3_READ_TIMEOUT,
+                                        **options.get("config_kwargs", {})}
+        fs, path = url_to_fs(url, **options)
     except ImportError as exc:
         raise TraceError(
             f"{redact(url)}: {one_line(str(exc).splitlines()[0] if str(exc) else 'missing')}"
