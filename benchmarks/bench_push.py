@@ -4,7 +4,8 @@ Against moto's S3 server on loopback (tests/servers.py), so throughput is moto's
 store's; the ratios are what to read. Printed:
 
 * a many-file zarr trace (the demo sample, and a larger synthetic one) pushed with and without
-  read-back verification, alternating, medians over ``--runs``: verify / no-verify;
+  read-back verification, alternating, medians over ``--runs``: verify / no-verify; and the
+  demo pushed with ``jobs`` 1 and 8;
 * a large single file (a packed trace: a zip whose members are a trace's files, the large one
   random bytes) of ``--big-mib``, pushed once each way in a child process: time, and the
   child's peak RSS against the same child's peak after importing everything and pushing a tiny
@@ -101,6 +102,18 @@ def main() -> None:
             plain, checked = (statistics.median(times[v]) for v in (False, True))
             print(f"{name:<22} {done['objects']:>6} {done['bytes'] / 1e6:>7.1f} "
                   f"{plain:>12.2f} {checked:>9.2f} {checked / plain:>5.2f}x")
+
+        demo = ROOT / "sample_traces/demo_fibonacci.zarr"
+        by_jobs: dict[int, list[float]] = {1: [], 8: []}
+        for run in range(args.runs):
+            for jobs in by_jobs:
+                t = time.perf_counter()
+                push_module.push(demo, f"s3://{BUCKET}/jobs-{jobs}-{run}", jobs=jobs,
+                                 verify=False)
+                by_jobs[jobs].append(time.perf_counter() - t)
+        one, eight = (statistics.median(by_jobs[j]) for j in (1, 8))
+        print(f"demo, no verify: --jobs 1 {one:.2f} s, --jobs 8 {eight:.2f} s: "
+              f"{one / eight:.2f}x faster")
 
         tiny, big = tmp / "tiny.zip", tmp / "big.zip"
         make_pack(tiny, 16 * 2**20)

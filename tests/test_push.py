@@ -320,6 +320,17 @@ def test_cli_errors_are_one_line_without_secrets(proxy, s3, lean_zarr) -> None:
     assert result.exit_code == 2
 
 
+def test_cli_interrupted_says_how_to_resume(lean_zarr, monkeypatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(push_module, "push", interrupted)
+    result = run(str(lean_zarr), "s3://traces/t.zarr")
+    assert result.exit_code == 1
+    assert result.output == ("Error: interrupted: s3://traces/t.zarr is not a complete trace; "
+                             "run the same command again to resume\n")
+
+
 def test_cli_refuses_a_recording_trace(tmp_path) -> None:
     path = tmp_path / "live.h5"
     writer = tracegen.create_synthetic(path, tracegen.small_plan(), seed=2)
