@@ -114,7 +114,7 @@ def test_hdf5_trace_goes_up_under_a_temporary_key_then_moves(proxy, s3, h5_trace
     assert [r.path for r in object_puts(proxy, "shared/")] == [f"/{BUCKET}/shared/t.h5.partial"]
 
 
-def test_large_file_goes_up_in_parts_and_an_interrupted_one_leaves_nothing(
+def test_large_file_goes_up_in_parts_interrupted_or_corrupted_leaves_no_trace(
         proxy, s3, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(push_module, "PART_SIZE", 5 * 2**20)  # S3's smallest part
     big = tmp_path / "big.h5"
@@ -127,6 +127,12 @@ def test_large_file_goes_up_in_parts_and_an_interrupted_one_leaves_nothing(
         push(big, f"s3://{BUCKET}/big.h5")
     assert stored(s3, "") == {}  # a multipart upload not completed is no object
     proxy.faults.refuse_upload = None
+    # A part corrupted on its way (its checksum dropped): the read-back, in ranges, notices.
+    proxy.faults.corrupt, proxy.faults.drop_checksum = "big.h5.partial", True
+    with pytest.raises(PushError, match=r"big\.h5\.partial differs from .* \(sha256 "):
+        push(big, f"s3://{BUCKET}/big.h5")
+    assert [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET)["Contents"]] == [
+        "big.h5.partial"]  # verified before it could be moved into place
     before = len(proxy.log)
     push(big, f"s3://{BUCKET}/big.h5")
     assert stored(s3, "") == {"big.h5": big.read_bytes()}

@@ -271,14 +271,23 @@ class _Push:
                 if p.startswith(prefix) and info.get("type") != "directory"}
 
     def remote_digest(self, key: str, size: int) -> str | None:
-        """SHA-256 of the stored object (hex), read back in blocks; None when the store's own
-        checksum of it (botocore checks one where S3 returns it) does not match its bytes."""
+        """SHA-256 of the stored object (hex), read back; ``"N bytes"`` when a large object's
+        size is not ``size``; None when the store's own checksum of it (botocore checks one
+        where S3 returns it) does not match its bytes. Objects above READ_BLOCK are read in
+        blocks, PARTS_IN_FLIGHT at a time, hashed in order."""
         path, digest = self.remote(key), hashlib.sha256()
         try:
-            if size <= READ_BLOCK:
+            if size <= READ_BLOCK:  # the whole object, whatever its size
                 return hashlib.sha256(self.fs.cat_file(path)).hexdigest()
-            with self.fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none") as f:
-                while block := f.read(READ_BLOCK):
+            stored = int(self.fs.info(path)["size"])
+            if stored != size:
+                return f"{stored} bytes"
+            step = READ_BLOCK * PARTS_IN_FLIGHT
+            for lo in range(0, size, step):
+                starts = list(range(lo, min(size, lo + step), READ_BLOCK))
+                ends = [min(size, s + READ_BLOCK) for s in starts]
+                for block in self.fs.cat_ranges([path] * len(starts), starts, ends,
+                                                on_error="raise"):
                     digest.update(block)
         except Exception as exc:
             if type(exc).__name__ == "FlexibleChecksumError":
@@ -327,7 +336,8 @@ class _Push:
             if got is None:
                 raise self._differs(key, "the store's own checksum does not match its bytes")
             if got != local:
-                raise self._differs(key, f"sha256 {got[:16]}..., expected {local[:16]}...")
+                raise self._differs(key, f"sha256 {got[:16]}..., expected {local[:16]}..."
+                                    if len(got) == len(local) else f"{got}, expected {f.size}")
             self.advance(f.size)
         with self._lock:
             self.uploaded.append(key)
