@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import threading
@@ -122,8 +123,6 @@ def trace_status(src: Path) -> str:
     except TraceError:
         if not (src.is_file() and zipfile.is_zipfile(src)):
             raise
-    import json
-
     try:
         with zipfile.ZipFile(src) as pack, pack.open(ROOT_KEY) as f:
             meta = json.loads(f.read(2**24))
@@ -306,7 +305,7 @@ class _Push:
             part = max(PART_SIZE, -(-f.size // MAX_PARTS))  # S3 takes at most 10,000 parts
             options = {"chunksize": part, "max_concurrency": PARTS_IN_FLIGHT}
         elif "file" in _protocols(self.fs) or "local" in _protocols(self.fs):
-            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # no auto_mkdir there
         sent = _sent_callback(self.advance)
         try:
             self.fs.put_file(str(f.path), path, callback=sent, **options)
@@ -315,9 +314,9 @@ class _Push:
         self.advance(f.size - sent.value)  # stores that report no progress, or only part
 
     def delete(self, keys: list[str]) -> None:
+        """Remove objects (S3: up to 1000 per request)."""
         try:
-            for key in keys:
-                self.fs.rm_file(self.remote(key))
+            self.fs.rm([self.remote(key) for key in keys])
         except Exception as exc:
             raise self._fail(keys[0] if keys else "", exc) from None
 
