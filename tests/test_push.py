@@ -229,6 +229,13 @@ def test_leftovers_of_another_push_are_not_silently_mixed_in(proxy, s3, lean_zar
         push(zarr_trace, f"s3://{BUCKET}/t.zarr")
     push(zarr_trace, f"s3://{BUCKET}/t.zarr", force=True)
     assert stored(s3, "t.zarr/") == local_files(zarr_trace)
+    # Something that is no part of any trace is never deleted, even with --force.
+    s3.client().put_object(Bucket=BUCKET, Key="t.zarr/notes.txt", Body=b"mine")
+    with pytest.raises(PushError, match=r"holds 1 object\(s\) that are not part of a zarr "
+                                        r"trace \(e\.g\. notes\.txt\); push to a prefix of "
+                                        r"its own"):
+        push(zarr_trace, f"s3://{BUCKET}/t.zarr", force=True)
+    assert stored(s3, "t.zarr/")["notes.txt"] == b"mine"
 
 
 def test_a_trace_being_recorded_is_refused(proxy, s3, tmp_path) -> None:
@@ -260,6 +267,14 @@ def test_file_url_is_a_plain_copy(tmp_path, zarr_trace, h5_trace, kind) -> None:
         assert t.status == "complete"
     with pytest.raises(TraceExistsError):
         push(src, dst.as_uri())
+
+
+def test_a_trace_is_never_pushed_onto_itself(zarr_trace) -> None:
+    before = local_files(zarr_trace)
+    for target in (zarr_trace, zarr_trace / "inside", zarr_trace.parent):
+        with pytest.raises(PushError, match="itself, or inside or around it"):
+            push(zarr_trace, target.as_uri(), force=True)
+    assert local_files(zarr_trace) == before
 
 
 def test_memory_url(zarr_trace) -> None:

@@ -57,6 +57,9 @@ READ_BLOCK = 8 * 2**20
 S3_READ_TIMEOUT = 900
 #: The file that makes a zarr folder a trace: uploaded last.
 ROOT_KEY = "zarr.json"
+#: Keys a zarr trace's objects have (metadata, chunks with either key encoding): the only
+#: stale objects ``force`` removes.
+_ZARR_KEY = re.compile(r"^(?:[^/]+/)*(?:zarr\.json|c(?:[./]\d+)*)$")
 #: Suffix of the key a single file is uploaded under before it is moved into place.
 PARTIAL_SUFFIX = ".partial"
 
@@ -386,6 +389,8 @@ def push(src: str | os.PathLike[str], url: str, storage_options: dict[str, Any] 
     if not root.strip("/") or (not local and "/" not in root.strip("/")):
         raise PushError(f"{redact(url)}: name the trace's own key or prefix under the bucket "
                         f"(e.g. s3://bucket/traces/{src.name})")
+    if local and _overlaps(Path(root), src):
+        raise PushError(f"{redact(url)}: is {src} itself, or inside or around it")
     job = _Push(fs, root, url, files, single=single, progress=progress, verify=verify,
                 jobs=jobs)
     present = job.listing()
@@ -400,6 +405,12 @@ def push(src: str | os.PathLike[str], url: str, storage_options: dict[str, Any] 
     return {"url": redact(url), "objects": len(files), "bytes": sum(f.size for f in files),
             "uploaded": job.uploaded, "skipped": job.skipped, "verified": verify,
             "status": status}
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two local paths is the other or inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def _push_single(job: _Push, f: _File, present: dict[str, int]) -> None:
@@ -422,6 +433,11 @@ def _push_folder(job: _Push, files: list[_File], present: dict[str, int], force:
     """Every file but the root ``zarr.json`` concurrently, then the root alone."""
     local = {f.key for f in files}
     stale = sorted(set(present) - local)
+    foreign = [k for k in stale if not _ZARR_KEY.match(k)]
+    if foreign:  # never deleted, even with --force: the URL may name someone's folder
+        raise PushError(
+            f"{redact(job.url)}: holds {len(foreign)} object(s) that are not part of a zarr "
+            f"trace (e.g. {foreign[0]}); push to a prefix of its own")
     if stale and not force:
         raise PushError(
             f"{redact(job.url)}: holds {len(stale)} object(s) that are not part of this trace "
