@@ -198,6 +198,36 @@ def convert(src: Path | str, dst: Path, fmt: str | None, force: bool,
     click.echo(f"wrote {out} ({human_bytes(disk_usage(out))})")
 
 
+@main.command(cls=TraceCommand)
+@click.argument("trace", type=click.Path(exists=True, path_type=Path))
+@click.argument("url")
+@click.option("--force", is_flag=True, help="Replace a trace already at URL.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Objects uploaded at once.")
+@click.option("--no-verify", is_flag=True,
+              help="Do not read each object back to compare its crc32c with the local file's.")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Push a trace that is still being recorded (status 'recording').")
+def push(trace: Path, url: str, force: bool, jobs: int, no_verify: bool,
+         allow_incomplete: bool) -> None:
+    """Upload a trace to object storage (s3://, gs://, ...), verified."""
+    from .push import push as run_push
+
+    try:
+        with progress_bar("pushing") as update:
+            done = run_push(trace, url, progress=update, jobs=jobs, verify=not no_verify,
+                            force=force, allow_incomplete=allow_incomplete)
+    except KeyboardInterrupt:
+        from .push import redact
+
+        raise click.ClickException(
+            f"interrupted: {redact(url)} is not a complete trace; run the same command again "
+            f"to resume") from None
+    kept = f", {len(done['skipped'])} already there" if done["skipped"] else ""
+    check = "verified" if done["verified"] else "not verified"
+    click.echo(f"pushed {trace} to {done['url']} ({done['objects']} objects, "
+               f"{human_bytes(done['bytes'])}{kept}; {check})")
+
 
 from .record_cli import record, replay  # noqa: E402 - torch-free; imports the recorder lazily
 
