@@ -118,7 +118,7 @@ class LocalDirSource(Source):
         # (an array's), each opened once without following links: a chunk read then opens
         # just its file.
         self._folders: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _folder opens the trace's folder first, inside
 
     def _folder(self, rel: str) -> int:
         fd = self._folders.get(rel)
