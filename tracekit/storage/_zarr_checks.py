@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import zarr.storage
-from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
 from ..errors import CorruptTraceError, DisallowedCodecError
 from ..format import MAX_CHUNK_BYTES, MAX_TRACE_BYTES
-from . import ALLOWED_DTYPES, MAX_METADATA_BYTES
-from ._safety import open_file, read_fd_capped
+from . import ALLOWED_DTYPES
 
 #: zarr v3 ``data_type`` names of the allowed dtypes (never given to numpy unchecked).
 DATA_TYPES = {"bool": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint8": 1,
@@ -126,33 +123,16 @@ def check_array_metadata(name: str, meta: dict[str, Any]) -> None:
 
 def _read_key(root: Path, key: str, byte_range: Any) -> bytes | None:
     """One store value, read without following links, from regular files only, capped."""
-    cap = MAX_METADATA_BYTES if key.rsplit("/", 1)[-1] == "zarr.json" else (
-        MAX_CHUNK_BYTES + CHUNK_FILE_SLACK)
-    try:
-        fd = open_file(root, key)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    try:
-        if byte_range is None:
-            data = read_fd_capped(fd, cap)
-            if data is None:
-                raise CorruptTraceError(f"{key} is larger than the limit of {cap} bytes")
-            return data
-        size = os.fstat(fd).st_size
-        if isinstance(byte_range, RangeByteRequest):
-            start, stop = byte_range.start, byte_range.end
-        elif isinstance(byte_range, OffsetByteRequest):
-            start, stop = byte_range.offset, size
-        elif isinstance(byte_range, SuffixByteRequest):
-            start, stop = max(0, size - byte_range.suffix), size
-        else:
-            raise TypeError(f"unexpected byte range {byte_range!r}")
-        if stop - start > cap:
-            raise CorruptTraceError(f"{key}: a read of {stop - start} bytes exceeds the limit "
-                                    f"of {cap} bytes")
-        return os.pread(fd, max(0, stop - start), start)
-    finally:
-        os.close(fd)
+    from ._source import LocalDirSource
+    from ._zarr_store import read_key
+
+    with LocalDirSource(root) as source:
+        try:
+            return read_key(source, key, byte_range)
+        except CorruptTraceError as exc:
+            if isinstance(exc.__cause__, (IsADirectoryError, NotADirectoryError)):
+                return None
+            raise
 
 
 class SafeLocalStore(zarr.storage.LocalStore):

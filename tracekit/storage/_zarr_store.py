@@ -26,9 +26,7 @@ from ..errors import CorruptTraceError
 from ..format import MAX_CHUNK_BYTES
 from . import MAX_METADATA_BYTES
 from ._source import Read, Source
-
-#: Bytes a chunk object may hold beyond its array's declared chunk (codec overhead).
-CHUNK_FILE_SLACK = 1 << 16
+from ._zarr_checks import CHUNK_FILE_SLACK
 
 
 def key_cap(key: str) -> int:
@@ -36,6 +34,31 @@ def key_cap(key: str) -> int:
     if key.rsplit("/", 1)[-1] == "zarr.json":
         return MAX_METADATA_BYTES
     return MAX_CHUNK_BYTES + CHUNK_FILE_SLACK
+
+
+def read_key(source: Source, key: str, byte_range: ByteRequest | None) -> bytes | None:
+    """A zarr store value (``byte_range`` of it) read from ``source``, capped by
+    :func:`key_cap`; None when absent."""
+    if byte_range is None:
+        return source.get(key, key_cap(key))
+    if isinstance(byte_range, RangeByteRequest):
+        start, stop = byte_range.start, byte_range.end
+    else:
+        size = source.size(key)
+        if size is None:
+            return None
+        if isinstance(byte_range, OffsetByteRequest):
+            start, stop = byte_range.offset, size
+        elif isinstance(byte_range, SuffixByteRequest):
+            start, stop = max(0, size - byte_range.suffix), size
+        else:
+            raise TypeError(f"unexpected byte range {byte_range!r}")
+    if stop - start > key_cap(key):
+        raise CorruptTraceError(f"{key}: a read of {stop - start} bytes exceeds the limit "
+                                f"of {key_cap(key)} bytes")
+    read = Read(key, start, np.empty(max(0, stop - start), np.uint8))
+    source.fetch([read])
+    return read.out.tobytes() if read.found else None
 
 
 class SourceStore(Store):
@@ -58,28 +81,9 @@ class SourceStore(Store):
         return id(self)
 
     def _read(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
-        if byte_range is None:
-            if key in self._documents:
-                return self._documents[key]
-            return self.source.get(key, key_cap(key))
-        if isinstance(byte_range, RangeByteRequest):
-            start, stop = byte_range.start, byte_range.end
-        else:
-            size = self.source.size(key)
-            if size is None:
-                return None
-            if isinstance(byte_range, OffsetByteRequest):
-                start, stop = byte_range.offset, size
-            elif isinstance(byte_range, SuffixByteRequest):
-                start, stop = max(0, size - byte_range.suffix), size
-            else:
-                raise TypeError(f"unexpected byte range {byte_range!r}")
-        if stop - start > key_cap(key):
-            raise CorruptTraceError(f"{key}: a read of {stop - start} bytes exceeds the limit "
-                                    f"of {key_cap(key)} bytes")
-        read = Read(key, start, np.empty(max(0, stop - start), np.uint8))
-        self.source.fetch([read])
-        return read.out.tobytes() if read.found else None
+        if byte_range is None and key in self._documents:
+            return self._documents[key]
+        return read_key(self.source, key, byte_range)
 
     async def get(self, key: str, prototype: Any = None,
                   byte_range: ByteRequest | None = None) -> Any:
