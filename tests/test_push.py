@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tracegen
 from click.testing import CliRunner
-from faultproxy import FaultProxy
+from servers import FaultProxy
 
 import tracekit
 from tracekit import push as push_module
@@ -28,10 +28,9 @@ def proxy(s3, monkeypatch):
     """The S3 server behind a fault proxy; the environment points at the proxy; the bucket
     exists."""
     s3.client().create_bucket(Bucket=BUCKET)
-    p = FaultProxy(s3.endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
-    yield p
-    p.close()
+    with FaultProxy(s3.endpoint) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+        yield p
 
 
 @pytest.fixture
@@ -73,7 +72,7 @@ def stored(s3, prefix: str) -> dict[str, bytes]:
 
 
 def object_puts(proxy: FaultProxy, prefix: str) -> list:
-    return [r for r in proxy.uploads() if r.path.startswith(f"/{BUCKET}/{prefix}")]
+    return [r for r in proxy.stats.uploads() if r.path.startswith(f"/{BUCKET}/{prefix}")]
 
 
 @pytest.mark.parametrize("which", ["synthetic", "demo"])
@@ -107,7 +106,7 @@ def test_hdf5_trace_goes_up_under_a_temporary_key_then_moves(proxy, s3, h5_trace
     assert stored(s3, "shared/") == {"t.h5": h5_trace.read_bytes()}
     assert done["uploaded"] == [""] and done["objects"] == 1
     # Uploaded to t.h5.partial, read back, then copied server-side (a PUT without a body).
-    log = [(r.method, r.path.removeprefix(f"/{BUCKET}/shared/")) for r in proxy.log
+    log = [(r.method, r.path.removeprefix(f"/{BUCKET}/shared/")) for r in proxy.stats.requests
            if r.path.startswith(f"/{BUCKET}/shared/") and r.method != "HEAD"]
     assert log.index(("PUT", "t.h5.partial")) < log.index(("GET", "t.h5.partial")) \
         < log.index(("PUT", "t.h5"))
@@ -122,25 +121,26 @@ def test_large_file_goes_up_in_parts_interrupted_or_corrupted_leaves_no_trace(
                                model=tracegen.small_model(n_layers=4, d_model=512, n_heads=8))
     tracegen.write_synthetic(big, plan, seed=3)
     assert big.stat().st_size > 2 * 5 * 2**20  # s3fs sends a file this large in parts
-    proxy.faults.refuse_upload = 2  # the second part
+    proxy.inject("status", status=403, uploads=True, after=1)  # the second part
     with pytest.raises(PushError, match=r"s3://traces/big\.h5\.partial: access denied"):
         push(big, f"s3://{BUCKET}/big.h5")
     assert stored(s3, "") == {}  # a multipart upload not completed is no object
-    proxy.faults.refuse_upload = None
+    proxy.clear_faults()
     # A part corrupted on its way (its checksum dropped): the read-back, in ranges, notices.
-    proxy.faults.corrupt, proxy.faults.drop_checksum = "big.h5.partial", True
+    proxy.inject("corrupt", "*/big.h5.partial", drop_checksum=True)
     with pytest.raises(PushError, match=r"big\.h5\.partial differs from .* \(sha256 "):
         push(big, f"s3://{BUCKET}/big.h5")
     assert [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET)["Contents"]] == [
         "big.h5.partial"]  # verified before it could be moved into place
-    before = len(proxy.log)
+    proxy.reset_stats()
     push(big, f"s3://{BUCKET}/big.h5")
     assert stored(s3, "") == {"big.h5": big.read_bytes()}
     # The parts of the upload that was completed (parts of the failed one may still arrive).
-    completed = [r.query for r in proxy.log[before:] if r.method == "POST"
+    completed = [r.query for r in proxy.stats.requests if r.method == "POST"
                  and r.query.startswith("uploadId=")]
     assert len(completed) == 1
-    parts = sorted(r.query for r in proxy.log if r.upload and completed[0] in r.query)
+    parts = sorted(r.query for r in proxy.stats.requests if r.upload
+                   and completed[0] in r.query)
     assert parts == [f"partNumber={i}&{completed[0]}" for i in (1, 2, 3)]
 
 
@@ -148,14 +148,14 @@ def test_interrupted_zarr_push_is_no_trace_and_a_rerun_completes_it(proxy, s3,
                                                                     lean_zarr) -> None:
     zarr_trace = lean_zarr
     url = f"s3://{BUCKET}/t.zarr"
-    proxy.faults.refuse_upload = 15
+    proxy.inject("status", status=403, uploads=True, after=14)  # the 15th upload
     with pytest.raises(PushError, match=r"^s3://traces/t\.zarr/\S+: access denied"):
         push(zarr_trace, url, jobs=4)
     partial = stored(s3, "t.zarr/")
     assert 0 < len(partial) < len(local_files(zarr_trace))
     assert "zarr.json" not in partial  # nothing there looks like a complete trace
     first = {r.path for r in object_puts(proxy, "t.zarr/")}
-    proxy.faults.refuse_upload = None
+    proxy.clear_faults()
     done = push(zarr_trace, url, jobs=4)
     assert stored(s3, "t.zarr/") == local_files(zarr_trace)
     # What was there already (same size, same SHA-256 read back) was not sent again.
@@ -170,7 +170,7 @@ def test_an_object_corrupted_on_its_way_is_caught(proxy, s3, lean_zarr) -> None:
     key = "residual/c.0.0.0"
     assert (zarr_trace / key).is_file()
     # A store that keeps no checksum of its own: only push's read-back can notice.
-    proxy.faults.corrupt, proxy.faults.drop_checksum = key, True
+    proxy.inject("corrupt", f"*/t.zarr/{key}", drop_checksum=True)
     digest = r"[0-9a-f]{16}\.\.\."
     with pytest.raises(PushError, match=rf"t\.zarr/{key} differs from .*{key} after upload "
                                         rf"\(sha256 {digest}, expected {digest}\)"):
@@ -178,13 +178,13 @@ def test_an_object_corrupted_on_its_way_is_caught(proxy, s3, lean_zarr) -> None:
     assert "zarr.json" not in stored(s3, "t.zarr/")
     # The same corruption without verification goes unnoticed: the check is what catches it.
     s3.client().delete_object(Bucket=BUCKET, Key=f"t.zarr/{key}")
-    proxy.faults.corrupted.clear()
+    proxy.inject("corrupt", f"*/t.zarr/{key}", drop_checksum=True)
     push(zarr_trace, url, verify=False, force=True)
     got = stored(s3, "t.zarr/")
     assert got[key] != (zarr_trace / key).read_bytes() and len(got[key]) == len(
         (zarr_trace / key).read_bytes())
     # A rerun compares what is there (size and SHA-256 read back) and replaces the bad object.
-    proxy.faults.corrupt = None
+    proxy.clear_faults()
     done = push(zarr_trace, url, force=True)
     assert done["uploaded"] == [key, "zarr.json"]
     assert stored(s3, "t.zarr/") == local_files(zarr_trace)
@@ -193,7 +193,7 @@ def test_an_object_corrupted_on_its_way_is_caught(proxy, s3, lean_zarr) -> None:
 def test_a_corrupted_upload_with_its_checksum_is_caught_too(proxy, s3, h5_trace) -> None:
     # botocore sends a CRC32 with each upload; this store keeps it without checking, and the
     # read-back fails on it (real S3 refuses such an upload outright).
-    proxy.faults.corrupt = "t.h5.partial"
+    proxy.inject("corrupt", "*/t.h5.partial")
     with pytest.raises(PushError, match=r"t\.h5\.partial differs from .* after upload \(the "
                                         r"store's own checksum does not match its bytes\)"):
         push(h5_trace, f"s3://{BUCKET}/t.h5")
