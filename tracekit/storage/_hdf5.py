@@ -278,11 +278,12 @@ class HDF5Backend(Backend):
         checksum = bool(filters) and filters[-1] == FLETCHER32
         raw = (filters in ([], [FLETCHER32]) and ds.chunks is not None
                and ds.chunks[1:] == ds.shape[1:] and dtype.byteorder in ("<", "=", "|"))
-        # Chunked along the last axis too (attention's position x key tiles), unfiltered (1.0
-        # traces): read tile by tile from the file. Checksummed tiles (1.1) are read through
-        # HDF5, which checks their Fletcher-32.
-        tiled = (not filters and ds.chunks is not None and dtype.byteorder in ("<", "=", "|")
-                 and ds.chunks[1:] != ds.shape[1:] and len(ds.shape) >= 2
+        # Chunked along the last axis too (attention's position x key tiles), unfiltered or
+        # with Fletcher-32 only: read tile by tile from the file, all of a read's tiles in one
+        # batch (concurrently from a URL), each checked against its Fletcher-32 the first time.
+        tiled = (filters in ([], [FLETCHER32]) and ds.chunks is not None
+                 and dtype.byteorder in ("<", "=", "|") and ds.chunks[1:] != ds.shape[1:]
+                 and len(ds.shape) >= 2
                  and ds.chunks[1:-1] == ds.shape[1:-1])
         return HDF5Array(name, ds, dims, source=self._source if raw else None,
                          writable=not self._read_only, raw=raw, checksum=checksum,
