@@ -11,6 +11,7 @@ source serves them one ``preadv`` each, a remote one issues them concurrently.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import threading
@@ -260,6 +261,33 @@ class LocalFileSource(Source):
             self.close()
 
 
+_gc_lock = threading.Lock()
+_gc_holders = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _no_cycle_collection():
+    """Hold off Python's cycle collector while h5py waits for a read.
+
+    h5py calls a file object's ``readinto`` holding its global lock. A remote source serves
+    the read on its event loop's thread; if the collector ran there and freed an h5py object
+    (which takes that lock to close it), each thread would wait for the other for ever."""
+    global _gc_holders, _gc_was_enabled
+    with _gc_lock:
+        if _gc_holders == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_holders += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders -= 1
+            if _gc_holders == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 class SourceFile(io.RawIOBase):
     """A seekable, read-only file object over one key of a source: what h5py needs to read
     an HDF5 trace that is not a local file. Reads are served in aligned blocks kept in a
@@ -318,9 +346,11 @@ class SourceFile(io.RawIOBase):
             return 0
         lo, hi = self._pos, self._pos + n
         if n >= 4 * self._block:  # large reads (raw chunks) go straight through
-            self._source.fetch([Read(self._key, lo, np.frombuffer(view[:n], np.uint8))])
+            with _no_cycle_collection():
+                self._source.fetch([Read(self._key, lo, np.frombuffer(view[:n], np.uint8))])
         else:
-            blocks = self._blocks(lo // self._block, (hi - 1) // self._block)
+            with _no_cycle_collection():
+                blocks = self._blocks(lo // self._block, (hi - 1) // self._block)
             at = lo
             while at < hi:
                 i = at // self._block
