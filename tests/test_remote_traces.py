@@ -225,3 +225,40 @@ def test_render_a_url(served_http, tmp_path):
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 1000
+
+
+def test_h5py_reading_a_url_survives_cycle_collection_on_the_event_loop(http_server, tmp_path):
+    """h5py reads through the source's file object holding its global lock, while the source
+    waits on its event-loop thread; a cycle collection there that frees an h5py object needs
+    that lock. It deadlocked; run in a child so that a deadlock fails the test, not hangs it."""
+    local, name = _make(tmp_path, "hdf5")
+    _copy(local, http_server.root / name)
+    code = f"""
+import gc, h5py
+from tracekit.storage._remote import open_remote
+from tracekit.storage._source import SourceFile
+
+class Cycle:
+    pass
+
+gc.set_threshold(1, 1, 1)  # collect at almost every allocation, on whichever thread
+with open_remote({http_server.url + '/' + name!r}) as src:
+    f = h5py.File(SourceFile(src, "", block=4096, blocks=1), "r", rdcc_nbytes=0)
+    for i in range(40):
+        for key in ("residual", "top_ids", "attention", "neurons"):
+            c = Cycle()
+            c.me, c.ds = c, f[key]  # an h5py object only the collector frees
+            del c
+            f[key][i % 8]
+    f.close()
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("h5py reading through a remote source deadlocked")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
