@@ -360,6 +360,32 @@ def read_rows_direct(name: str, source: Any, locate, start: int, stop: int,
     return out
 
 
+def read_direct(name: str, key: tuple, shape: tuple[int, ...], chunks: tuple[int, ...],
+                dtype: np.dtype, source: Any, verifier: Any, *, rows: Any = None,
+                tiles: Any = None, errors: tuple[type[BaseException], ...] = (OSError,)
+                ) -> np.ndarray | None:
+    """``arr[key]`` read straight from the chunks' bytes, where the key and the layout allow:
+    attention's position x key tiles when ``tiles`` (their locate function) is given, whole
+    rows when ``rows`` is; None otherwise (the caller decodes through its library). The
+    shared direct path of both backends; ``errors`` from the source become
+    CorruptTraceErrors naming the array."""
+    try:
+        tiled = tiled_key(key, shape) if tiles is not None else None
+        if tiled is not None:
+            r0, r1, k0, k1, finish = tiled
+            return read_tiles_direct(name, source, tiles, (r0, r1), (k0, k1), chunks, dtype,
+                                     verifier)[finish]
+        split = split_rows_key(key, shape) if rows is not None else None
+        if split is not None:
+            start, stop, rest, drop = split
+            out = read_rows_direct(name, source, rows, start, stop, chunks[0], shape[1:],
+                                   dtype, verifier)
+            return out[0][rest] if drop else out[(slice(None), *rest)]
+    except errors as exc:
+        raise CorruptTraceError(f"array {name!r}: unreadable chunk ({exc})") from exc
+    return None
+
+
 def _plan_chunk_read(name: str, ci: int, key: Any, where: Any, stored: int, first: int,
                      target: np.ndarray, verifier: Any) -> tuple[Any, bool]:
     """The read for one chunk's part (``target``, at byte ``first`` of the chunk's data),

@@ -16,10 +16,7 @@ from . import (
     StoredArray,
     chunk_parts,
     full_rows,
-    read_rows_direct,
-    read_tiles_direct,
-    split_rows_key,
-    tiled_key,
+    read_direct,
 )
 from ._checksums import (
     CHUNK_CHECKSUM_BYTES,
@@ -152,26 +149,13 @@ class HDF5Array(StoredArray):
         return None if where is None else ("", *where)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
-        tiled = tiled_key(key, self.shape) if self._tiled_source is not None else None
-        if tiled is not None:
-            r0, r1, k0, k1, finish = tiled
-            try:
-                out = read_tiles_direct(self.name, self._tiled_source, self._locate_tile,
-                                        (r0, r1), (k0, k1), self._chunks, self._dtype,
-                                        self._verifier if self.checksum else None)
-            except (*_H5_ERRORS, OSError) as exc:
-                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
-            return out[finish]
-        split = split_rows_key(key, self.shape) if self._source is not None else None
-        if split is not None:
-            start, stop, rest, drop = split
-            try:
-                rows = read_rows_direct(self.name, self._source, self._locate, start, stop,
-                                        self._chunks[0], self.shape[1:], self._dtype,
-                                        self._verifier)
-            except _H5_ERRORS as exc:
-                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
-            return rows[0][rest] if drop else rows[(slice(None), *rest)]
+        source = self._tiled_source or self._source
+        out = read_direct(self.name, key, self.shape, self._chunks, self._dtype, source,
+                          self._verifier, errors=(*_H5_ERRORS, OSError),
+                          rows=self._locate if self._source is not None else None,
+                          tiles=self._locate_tile if self._tiled_source is not None else None)
+        if out is not None:
+            return out
         return read_verified(self, key, self._verifier, lambda k: self._read_with(self._ds, k),
                              self._read_unchecked)
 

@@ -22,10 +22,7 @@ from . import (
     allocate,
     chunk_parts,
     full_rows,
-    read_rows_direct,
-    read_tiles_direct,
-    split_rows_key,
-    tiled_key,
+    read_direct,
 )
 from ._checksums import CHUNK_CHECKSUM_BYTES, ChunkVerifier, RunningCrc, read_verified
 from ._zarr_checksums import has_crc32c, verify_chunk_files
@@ -143,32 +140,16 @@ class ZarrArray(StoredArray):
         return dict(self._meta.get("attributes") or {})
 
     def __getitem__(self, key: tuple) -> np.ndarray:
-        if self._raw_rows and not self._direct_rows:
-            tiled = tiled_key(key, self.shape)
-            if tiled is not None:
-                return self._read_tiles(*tiled)
-        split = split_rows_key(key, self.shape) if self._direct_rows else None
-        if split is not None:
-            start, stop, rest, drop = split
-            try:
-                rows = read_rows_direct(self.name, self._source, self._locate, start, stop,
-                                        self.chunks[0], self.shape[1:], self.dtype,
-                                        self._verifier)
-            except OSError as exc:
-                raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
-            return rows[0][rest] if drop else rows[(slice(None), *rest)]
+        # Raw chunks are read straight from their bytes: rows, or attention's tiles.
+        tiles = self._raw_rows and not self._direct_rows
+        out = read_direct(self.name, key, self.shape, self.chunks, self.dtype.newbyteorder("<"),
+                          self._source, self._verifier,
+                          rows=self._locate if self._direct_rows else None,
+                          tiles=self._locate if tiles else None)
+        if out is not None:
+            return out
         return read_verified(self, key, self._verifier, lambda k: self._read_with(self._arr, k),
                              self._read_unchecked)
-
-    def _read_tiles(self, r0: int, r1: int, k0: int, k1: int, finish: tuple) -> np.ndarray:
-        """Rows and keys of an array chunked along both (attention), read from the tiles'
-        files directly: a step reads one row of each key tile, not whole tiles."""
-        try:
-            out = read_tiles_direct(self.name, self._source, self._locate, (r0, r1), (k0, k1),
-                                    self.chunks, self.dtype.newbyteorder("<"), self._verifier)
-        except OSError as exc:
-            raise CorruptTraceError(f"array {self.name!r}: unreadable chunk ({exc})") from exc
-        return out[finish]
 
     def __setitem__(self, key: tuple, value: np.ndarray) -> None:
         rows = full_rows(key, value, self.shape) if self._raw_rows else None
