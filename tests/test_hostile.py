@@ -25,13 +25,14 @@ TIMEOUT_S = 60
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, int]:
     """``tracekit ARGS`` in a child under RLIMIT_AS and a timeout: (result, its peak RSS).
 
-    The child reports its own peak (``RUSAGE_SELF`` at exit, on a last stderr line that is
-    taken off ``result.stderr``): the parent's ``RUSAGE_CHILDREN`` is the peak of every child
-    this test process ever waited for, other tests' included."""
+    The child reports its own peak (``VmHWM`` at exit, on a last stderr line that is taken
+    off ``result.stderr``): ``getrusage``'s peaks count what a child had before ``exec``, a
+    copy of this test process, and the parent's ``RUSAGE_CHILDREN`` is the peak of every
+    child it ever waited for, other tests' included."""
     code = (f"import atexit, os, resource, sys; "
             f"resource.setrlimit(resource.RLIMIT_AS, ({LIMIT}, {LIMIT}));"
-            "atexit.register(lambda: os.write(2, ('\\n' + RSS_MARK + str(resource.getrusage("
-            "resource.RUSAGE_SELF).ru_maxrss) + '\\n').encode()));"
+            "atexit.register(lambda: os.write(2, ('\\n' + RSS_MARK + [l.split()[1] for l in "
+            "open('/proc/self/status') if l.startswith('VmHWM:')][0] + '\\n').encode()));"
             "from tracekit.cli import main; sys.argv = ['tracekit', *sys.argv[1:]];"
             "main(standalone_mode=True)").replace("RSS_MARK", repr(RSS_MARK))
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
